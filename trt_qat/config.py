@@ -1,0 +1,232 @@
+"""Configuration dataclasses, validated on creation, and the YAML pipeline config that maps onto them.
+
+Each stage has one dataclass. A YAML pipeline config has one section per dataclass (``quant``, ``calib``,
+``qat``, ``export``, ``data``, ``model``, ``run``); unknown keys are refused with the list of valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TrtQatError
+
+__all__ = ["QuantConfig", "CalibConfig", "QATConfig", "ExportConfig", "DataConfig", "ModelConfig", "RunConfig",
+           "PipelineConfig", "load_pipeline_config", "from_dict"]
+
+CALIB_METHODS = ("max", "percentile", "mse", "entropy")
+
+
+def _check(cond: bool, msg: str):
+    if not cond:
+        raise TrtQatError(msg)
+
+
+@dataclass
+class QuantConfig:
+    """How a model is instrumented.
+
+    Args:
+        num_bits (int): quantization bits. Defaults to 8.
+        per_channel_weights (bool): per-output-channel weight scales (axis 0; axis 1 for ConvTranspose).
+            Defaults to True.
+        skip (list[str]): regexes on module names left in float. Defaults to none.
+        quantize_pooling (bool): quantize MaxPool/AvgPool inputs. Defaults to True.
+        rules (bool): apply TensorRT placement rules (shared scales at Concat/MaxPool/Add/Resize, quantized
+            residual Adds). Defaults to True.
+        min_channels (int | None): skip convs with fewer input channels unless a multiple of 8. Defaults to None.
+        num_bins (int): histogram bins for activation calibration. Defaults to 2048.
+    """
+
+    num_bits: int = 8
+    per_channel_weights: bool = True
+    skip: list = field(default_factory=list)
+    quantize_pooling: bool = True
+    rules: bool = True
+    min_channels: int | None = None
+    num_bins: int = 2048
+
+    def __post_init__(self):
+        _check(self.num_bits == 8, f"quant.num_bits={self.num_bits} is not supported; TensorRT Q/DQ INT8 needs 8")
+        _check(isinstance(self.skip, (list, tuple)), "quant.skip must be a list of regexes")
+        self.skip = list(self.skip)
+        _check(self.num_bins >= 256, f"quant.num_bins={self.num_bins} is too small; use at least 256 (2048 is usual)")
+        _check(self.min_channels is None or self.min_channels > 0, "quant.min_channels must be positive or null")
+
+
+@dataclass
+class CalibConfig:
+    """Calibration (PTQ initialisation).
+
+    Args:
+        method (str): one of max, percentile, mse, entropy. Defaults to "percentile".
+        percentile (float): for method "percentile". Defaults to 99.99.
+        num_batches (int | None): batches to collect statistics over; None means the whole iterable.
+        device (str | None): where to run; None picks the model's device.
+    """
+
+    method: str = "percentile"
+    percentile: float = 99.99
+    num_batches: int | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        _check(self.method in CALIB_METHODS,
+               f"unknown calibration method '{self.method}'; choose one of {', '.join(CALIB_METHODS)}")
+        _check(0 < self.percentile <= 100, f"percentile {self.percentile} must be in (0, 100]")
+        _check(self.num_batches is None or self.num_batches > 0, "calib.num_batches must be positive or null")
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware fine-tuning.
+
+    Args:
+        epochs (int): Defaults to 2.
+        lr (float): peak learning rate (about 1% of the FP32 schedule's). Defaults to 1e-4.
+        min_lr_ratio (float): cosine floor as a fraction of lr. Defaults to 0.01.
+        optimizer (str): "sgd" or "adamw". Defaults to "sgd".
+        momentum (float): Defaults to 0.9.
+        weight_decay (float): Defaults to 5e-4.
+        freeze_amax (bool): keep calibrated scales fixed. Defaults to True.
+        freeze_bn (bool): keep BatchNorm running statistics fixed. Defaults to True.
+        max_steps_per_epoch (int | None): cap steps per epoch. Defaults to None.
+        grad_clip (float | None): Defaults to 10.0.
+        device (str | None): Defaults to the model's device.
+    """
+
+    epochs: int = 2
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    freeze_amax: bool = True
+    freeze_bn: bool = True
+    max_steps_per_epoch: int | None = None
+    grad_clip: float | None = 10.0
+    device: str | None = None
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"qat.epochs={self.epochs} must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"qat.lr={self.lr} must be a positive number")
+        _check(0 <= self.min_lr_ratio <= 1, "qat.min_lr_ratio must be in [0, 1]")
+        _check(self.optimizer in ("sgd", "adamw"), f"qat.optimizer '{self.optimizer}' unknown; use sgd or adamw")
+
+
+@dataclass
+class ExportConfig:
+    """ONNX export.
+
+    Args:
+        opset (int): ONNX opset, at least 13 (per-channel QuantizeLinear axis). Defaults to 17.
+        dynamic_batch (bool): Defaults to True.
+        imgsz (int): export input size. Defaults to 128.
+    """
+
+    opset: int = 17
+    dynamic_batch: bool = True
+    imgsz: int = 128
+
+    def __post_init__(self):
+        _check(self.opset >= 13, f"opset {self.opset} is too old for per-channel Q/DQ (QuantizeLinear axis needs "
+                                 "opset 13); use --opset 13 or newer")
+
+
+@dataclass
+class DataConfig:
+    """Dataset. ``data`` is a YOLO data.yaml; ``generate`` creates the digits-det demo set there if missing."""
+
+    data: str = "datasets/digits-det/data.yaml"
+    imgsz: int = 128
+    batch_size: int = 16
+    calib_split: str = "calib"
+    train_split: str = "train"
+    val_split: str = "val"
+    max_val_images: int | None = None
+    max_train_images: int | None = None
+    generate: bool = False
+    workers: int = 0
+
+    def __post_init__(self):
+        _check(self.imgsz % 32 == 0, f"data.imgsz={self.imgsz} must be a multiple of 32")
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Model: a built-in detector name and an FP32 checkpoint."""
+
+    name: str = "yolo-n"
+    checkpoint: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Pipeline run: output directory, methods to compare, threads, seed."""
+
+    name: str = "demo"
+    out_dir: str = "reports"
+    calib_methods: list = field(default_factory=lambda: list(CALIB_METHODS))
+    threads: int | None = None
+    seed: int = 0
+    sensitivity: bool = False
+
+    def __post_init__(self):
+        bad = [m for m in self.calib_methods if m not in CALIB_METHODS]
+        _check(not bad, f"run.calib_methods has unknown method(s) {bad}; valid: {', '.join(CALIB_METHODS)}")
+        _check(len(self.calib_methods) > 0, "run.calib_methods is empty; list at least one method")
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls, values: dict | None, section: str | None = None):
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys with the list of valid ones."""
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{section}." if section else ""
+    for key in values:
+        if key not in names:
+            raise TrtQatError(f"unknown config key '{where}{key}'; valid keys: {', '.join(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        f = names[key]
+        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
+            value = from_dict(type(f.default_factory()), value, key)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise TrtQatError(f"bad config section '{section or 'top'}': {exc}") from None
+
+
+def load_pipeline_config(path, overrides: dict | None = None) -> PipelineConfig:
+    """Load a YAML pipeline config (one section per stage)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrtQatError(f"config file '{path}' does not exist; pass --config configs/demo.yaml or a file of yours")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise TrtQatError(f"config file '{path}' is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise TrtQatError(f"config file '{path}' must be a mapping of sections (model, data, quant, ...)")
+    for dotted, value in (overrides or {}).items():
+        sec, _, key = dotted.partition(".")
+        raw.setdefault(sec, {})[key] = value
+    return from_dict(PipelineConfig, raw)

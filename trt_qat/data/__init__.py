@@ -1,0 +1,1 @@
+"""Datasets: YOLO-format and COCO-JSON loaders, letterbox, and the digits-det demo generator."""

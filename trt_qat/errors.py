@@ -1,0 +1,49 @@
+"""One error type and one logger for the whole package.
+
+Every user-facing failure is a :class:`TrtQatError` whose message names the problem *and* the fix.
+CLI entry points wrap their work in :func:`cli_main`, which turns such an error into a single line on
+stderr and a non-zero exit code, with no traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+__all__ = ["TrtQatError", "LOG", "cli_main", "setup_logging"]
+
+LOG = logging.getLogger("trt_qat")
+
+
+class TrtQatError(RuntimeError):
+    """A problem the user can fix. The message says what is wrong and how to fix it."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Configure the package logger once (idempotent)."""
+    level = logging.DEBUG if verbose or os.environ.get("TRT_QAT_VERBOSE") else logging.INFO
+    if not LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[trt_qat] %(levelname)s: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.propagate = False
+    LOG.setLevel(level)
+
+
+def cli_main(func):
+    """Decorate a ``main(argv=None)``: a TrtQatError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(argv=None):
+        setup_logging()
+        try:
+            return func(argv)
+        except TrtQatError as exc:
+            print(f"trt_qat: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("trt_qat: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper

@@ -1,0 +1,66 @@
+"""Atomic writes: every artefact (checkpoint, ONNX, engine, report) is written to a temporary file in the
+destination directory and then renamed, so a killed process never leaves a half-written file behind."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import TrtQatError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "ensure_dir",
+           "require_file"]
+
+
+def ensure_dir(path) -> Path:
+    """Create ``path`` (a directory) or raise a TrtQatError that says why it cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
+        probe.close()
+    except OSError as exc:
+        raise TrtQatError(f"output directory '{path}' cannot be written ({exc.strerror or exc}); "
+                          "choose a writable directory") from None
+    return path
+
+
+def require_file(path, what: str = "file", hint: str = "check the path") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise TrtQatError(f"{what} '{path}' does not exist; {hint}")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
+    path = Path(path)
+    ensure_dir(path.parent if str(path.parent) else ".")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -1,0 +1,214 @@
+"""Quantization-aware fine-tuning.
+
+Scales stay frozen by default (amax are buffers set by calibration), the learning rate is small and decays on a
+cosine, BatchNorm statistics are frozen, and a checkpoint is written atomically after every epoch: ``last.pt``
+always, ``best.pt`` when ``eval_fn`` reports a better score. A run started again with the same
+``checkpoint_dir`` resumes from ``last.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import QATConfig
+from .errors import LOG, TrtQatError, cli_main
+from .quantize import check_amax, save_quantized
+
+__all__ = ["finetune", "cosine_lr", "main"]
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr_ratio: float = 0.01) -> float:
+    """Cosine decay from ``lr`` to ``lr * min_lr_ratio`` over ``total`` steps."""
+    if total <= 1:
+        return lr
+    t = min(max(step, 0), total - 1) / (total - 1)
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _freeze_bn(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _make_optimizer(model, cfg: QATConfig):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: float | None = None,
+             config: QATConfig | None = None, eval_fn=None, checkpoint_dir=None, resume: bool = True,
+             progress: bool = True, higher_is_better: bool = True, is_main_process: bool = True) -> dict:
+    """Fine-tune a calibrated model with fake quantization.
+
+    Args:
+        model (nn.Module): quantized and calibrated (every enabled quantizer has an amax).
+        data (Iterable): training batches; re-iterated every epoch (a DataLoader).
+        loss_fn (Callable): ``loss_fn(model, batch) -> scalar loss``.
+        epochs (int): overrides ``config.epochs``.
+        lr (float): overrides ``config.lr``.
+        config (QATConfig): Defaults to ``QATConfig()``.
+        eval_fn (Callable): ``eval_fn(model) -> float`` score; the best epoch's weights are kept and restored.
+        checkpoint_dir (str): where ``last.pt``/``best.pt`` go. Defaults to no checkpoints.
+        resume (bool): continue from ``checkpoint_dir/last.pt`` when present. Defaults to True.
+        is_main_process (bool): only the main process writes checkpoints (DDP). Defaults to True.
+
+    Returns:
+        dict: ``{"history": [...], "best_score": float | None, "best_epoch": int | None}``.
+    """
+    cfg = config or QATConfig()
+    overrides = {k: v for k, v in (("epochs", epochs), ("lr", lr)) if v is not None}
+    if overrides:
+        cfg = QATConfig(**{**cfg.__dict__, **overrides})
+    check_amax(model, stage="QAT")
+    from tqdm import tqdm
+
+    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    model.to(device)
+    optimizer = _make_optimizer(model, cfg)
+    steps_per_epoch = len(data) if hasattr(data, "__len__") else None
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch or cfg.max_steps_per_epoch, cfg.max_steps_per_epoch)
+    if not steps_per_epoch:
+        raise TrtQatError("the QAT training data is empty or has no length; pass a DataLoader with batches")
+    total_steps = steps_per_epoch * cfg.epochs
+    ckdir = Path(checkpoint_dir) if checkpoint_dir else None
+    start_epoch, history, best_score, best_epoch, best_state = 0, [], None, None, None
+
+    if ckdir and resume and (ckdir / "last.pt").is_file():
+        from .quantize import _read_checkpoint
+
+        state = _read_checkpoint(ckdir / "last.pt")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        history = state.get("history", [])
+        best_score, best_epoch = state.get("best_score"), state.get("best_epoch")
+        if (ckdir / "best.pt").is_file() and best_epoch is not None:
+            best_state = _read_checkpoint(ckdir / "best.pt")["state_dict"]
+        LOG.info("resuming QAT from %s (epoch %d of %d)", ckdir / "last.pt", start_epoch + 1, cfg.epochs)
+
+    def better(score):
+        if best_score is None:
+            return True
+        return score > best_score if higher_is_better else score < best_score
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        if cfg.freeze_bn:
+            _freeze_bn(model)
+        t0, running, n = time.time(), 0.0, 0
+        bar = tqdm(data, total=steps_per_epoch, desc=f"qat {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False)
+        for i, batch in enumerate(bar):
+            if i >= steps_per_epoch:
+                break
+            step = epoch * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr_ratio)
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise TrtQatError(f"QAT loss became {float(loss)} at epoch {epoch + 1} step {i}; lower --lr "
+                                  f"(now {cfg.lr:g}) or check the calibration")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            running += float(loss.detach())
+            n += 1
+            bar.set_postfix(loss=f"{running / n:.4f}")
+        if not cfg.freeze_amax:
+            _refresh_weight_amax(model)
+        record = {"epoch": epoch + 1, "loss": running / max(n, 1), "seconds": time.time() - t0,
+                  "lr_end": optimizer.param_groups[0]["lr"]}
+        if eval_fn is not None:
+            model.eval()
+            score = float(eval_fn(model))
+            record["score"] = score
+            if better(score):
+                best_score, best_epoch = score, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if ckdir and is_main_process:
+                    save_quantized(model, ckdir / "best.pt", extra={"epoch": epoch, "score": score})
+        history.append(record)
+        LOG.info("qat epoch %d/%d loss %.4f%s (%.0fs)", epoch + 1, cfg.epochs, record["loss"],
+                 f" score {record['score']:.4f}" if "score" in record else "", record["seconds"])
+        if ckdir and is_main_process:
+            save_quantized(model, ckdir / "last.pt", extra={
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                "best_score": best_score, "best_epoch": best_epoch})
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"history": history, "best_score": best_score, "best_epoch": best_epoch}
+
+
+def _refresh_weight_amax(model):
+    """Re-derive per-channel weight amax from the current weights (used when scales are not frozen)."""
+    from .calibrate import _weight_quantizers
+
+    with torch.no_grad():
+        for q, w in _weight_quantizers(model):
+            axis = q.axis if isinstance(q.axis, int) else (q.axis or [0])[0]
+            dims = [d for d in range(w.dim()) if d != axis % w.dim()] if q.axis is not None else None
+            amax = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs().max()
+            q.set_amax(amax.clamp_min(1e-6))
+
+
+@cli_main
+def main(argv=None):
+    from .cli import add_data_args, make_dataset
+
+    parser = argparse.ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
+                                     "calibrated checkpoint (scales frozen by default). Resumes from --out/last.pt.")
+    parser.add_argument("--checkpoint", required=True, help="calibrated checkpoint (trt-qat calibrate output)")
+    add_data_args(parser, default_split="train")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch")
+    parser.add_argument("--no-freeze-amax", action="store_true")
+    parser.add_argument("--out", default="runs/qat", help="checkpoint directory (last.pt, best.pt)")
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    from .data.yolo import build_dataloader
+    from .evaluate import evaluate
+    from .fileio import ensure_dir
+    from .models.loss import detection_loss_fn
+    from .quantize import load_quantized
+    from .runners.torch_runner import TorchRunner
+
+    out = ensure_dir(args.out)
+    model, _ = load_quantized(args.checkpoint)
+    if args.device:
+        model.to(args.device)
+    train = make_dataset(args, split=args.split, augment=False)
+    val = make_dataset(args, split="val")
+    loader = build_dataloader(train, batch_size=args.batch_size, shuffle=True)
+    cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, max_steps_per_epoch=args.max_steps,
+                    freeze_amax=not args.no_freeze_amax, device=args.device)
+    result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
+                      resume=not args.no_resume,
+                      eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
+    print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> {out / 'best.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
