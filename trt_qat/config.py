@@ -223,7 +223,8 @@ def load_pipeline_config(path, overrides: dict | None = None) -> PipelineConfig:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise TrtQatError(f"config file '{path}' is not valid YAML ({exc.__class__.__name__}); fix its syntax") from None
+        raise TrtQatError(f"config file '{path}' is not valid YAML ({exc.__class__.__name__}); "
+                          "fix its syntax") from None
     if not isinstance(raw, dict):
         raise TrtQatError(f"config file '{path}' must be a mapping of sections (model, data, quant, ...)")
     for dotted, value in (overrides or {}).items():

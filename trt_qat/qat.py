@@ -39,7 +39,7 @@ def _freeze_bn(model: nn.Module):
 
 def _make_optimizer(model, cfg: QATConfig):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 else decay).append(p)

@@ -308,10 +308,9 @@ def load_quantized(path, model: nn.Module | None = None):
     if model is None:
         if not ckpt.get("model_cfg"):
             raise TrtQatError(f"'{path}' has no model_cfg; pass the FP32 model to load_quantized(path, model)")
-        from .models.yolo import build_model
+        from .models.yolo import _model_from_cfg
 
-        cfg = dict(ckpt["model_cfg"])
-        model = build_model(cfg.pop("name"), **{k: v for k, v in cfg.items() if k in ("nc",)})
+        model = _model_from_cfg(dict(ckpt["model_cfg"]))
     qcfg = QuantConfig(**ckpt["quant_config"])
     sample = None
     if qcfg.rules and ckpt.get("rules_input_shape"):

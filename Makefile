@@ -1,0 +1,34 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv baseline lint clean
+
+$(STAMP): requirements-dev.txt setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m trt_qat run --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Re-create the committed FP32 baseline (weights/yolo-n_digits-det.pt) from scratch.
+baseline: $(STAMP)
+	$(PY) -m trt_qat make-data --out datasets/digits-det
+	$(PY) -m trt_qat train --data datasets/digits-det/data.yaml --model yolo-n --epochs 40 \
+		--out weights/yolo-n_digits-det.pt
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trt_qat tests benchmarks
+
+clean:
+	rm -rf reports runs datasets calib/demo

@@ -1,0 +1,52 @@
+"""`python -m trt_qat <stage>` / `trt-qat <stage>`: dispatch to each stage's ``main(argv)``."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "run": ("trt_qat.pipeline", "run the whole pipeline from a YAML config (FP32 -> PTQ -> QAT -> ONNX -> report)"),
+    "make-data": ("trt_qat.data.digits_det", "generate the digits-det demo dataset (YOLO format)"),
+    "train": ("trt_qat.train", "train the built-in detector in FP32 (the baseline)"),
+    "quantize": ("trt_qat.calibrate", "alias of calibrate: instrument + calibrate an FP32 checkpoint"),
+    "calibrate": ("trt_qat.calibrate", "instrument an FP32 checkpoint and calibrate it (PTQ)"),
+    "qat": ("trt_qat.qat", "quantization-aware fine-tuning of a calibrated checkpoint"),
+    "export": ("trt_qat.export", "export a checkpoint to ONNX (Q/DQ for quantized models)"),
+    "eval": ("trt_qat.evaluate", "COCO mAP of a checkpoint or ONNX (PyTorch or ONNX Runtime)"),
+    "lint": ("trt_qat.lint", "check Q/DQ placement of any ONNX for TensorRT"),
+    "sensitivity": ("trt_qat.sensitivity", "per-layer quantization sensitivity"),
+    "build": ("trt_qat.build_engine", "build a TensorRT engine from ONNX"),
+    "bench": ("trt_qat.benchmark", "trtexec-style latency benchmark (TensorRT or ONNX Runtime)"),
+    "compare": ("trt_qat.compare", "compare outputs of PyTorch / ONNX Runtime / TensorRT"),
+    "report": ("trt_qat.report", "merge eval/bench JSON into md/json/html reports"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: trt-qat <command> [options]   (python -m trt_qat <command> ...)", "", "commands:"]
+    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`trt-qat <command> --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"trt_qat: error: unknown command '{cmd}'; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[cmd][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""`trt-qat run --config configs/demo.yaml`: the whole pipeline in one command.
+
+1. FP32 evaluation (PyTorch);
+2. one calibration statistics pass, then amax with each method (max, percentile, mse, entropy) and a PTQ
+   evaluation for each;
+3. QAT from the best PTQ (scales frozen), keeping the best epoch;
+4. export of FP32 and Q/DQ ONNX (best PTQ and QAT);
+5. evaluation of the ONNX files in ONNX Runtime on the CPU, PyTorch/ONNX Runtime agreement, ORT latency;
+6. the report (Markdown, JSON, HTML, plots) under ``reports/<run>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import PipelineConfig, load_pipeline_config
+from .errors import LOG, TrtQatError, cli_main
+from .fileio import ensure_dir
+
+__all__ = ["run_pipeline", "output_agreement", "main"]
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import pytorch_quantization
+
+    from . import __version__
+
+    return {"trt_qat": __version__, "torch": torch.__version__,
+            "pytorch_quantization": pytorch_quantization.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+def output_agreement(model, onnx_path, dataset, batches: int = 4, batch_size: int = 8) -> dict:
+    """Cosine similarity and max-abs difference between PyTorch and ONNX Runtime on the raw (pre-NMS) outputs."""
+    from .compare import compare_outputs
+    from .data.yolo import build_dataloader
+    from .runners.onnxrt import OnnxrtRunner
+    from .runners.torch_runner import TorchRunner
+
+    loader = build_dataloader(dataset, batch_size=batch_size)
+    cos, max_abs, n = [], [], 0
+    with TorchRunner(model) as tr, OnnxrtRunner(onnx_path) as ortr:
+        for imgs, _, _ in loader:
+            feed = {"images": imgs.numpy()}
+            res = compare_outputs(tr.infer(feed), ortr.infer(feed))
+            cos += [r["cosine"] for r in res]
+            max_abs += [r["max_abs"] for r in res]
+            n += 1
+            if n >= batches:
+                break
+    return {"cosine_min": float(min(cos)), "max_abs": float(max(max_abs)), "batches": n}
+
+
+def _ort_latency(onnx_path, imgsz: int, threads: int | None) -> dict:
+    from .benchmark import benchmark
+    from .runners.onnxrt import OnnxrtRunner
+
+    feed = {"images": np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
+    with OnnxrtRunner(onnx_path, intra_op_threads=threads) as runner:
+        res = benchmark(runner, feed, warmup_ms=300, duration_s=1.5, iterations=20)
+    lat = res["Latency"]
+    return {"latency_ms_p50": lat["median"], "latency_ms_p99": lat["p99"], "qps": res["Throughput (qps)"]}
+
+
+def _size_mb(path) -> float:
+    return Path(path).stat().st_size / 1e6
+
+
+def _state_size_mb(model) -> float:
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run every stage for ``cfg``; returns the path of report.md."""
+    from .calibrate import collect_stats, compute_amax, save_amax
+    from .data.yolo import YoloDataset, build_dataloader, write_image_list
+    from .evaluate import evaluate
+    from .export import export_onnx
+    from .lint import lint_onnx
+    from .models.loss import detection_loss_fn
+    from .models.yolo import load_checkpoint
+    from .qat import finetune
+    from .quantize import quantize, quantizer_summary, save_quantized
+    from .report import write_report
+    from .runners.onnxrt import OnnxrtRunner
+    from .runners.torch_runner import TorchRunner
+
+    t_start = time.time()
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    out = ensure_dir(Path(cfg.run.out_dir) / cfg.run.name)
+    work = ensure_dir(out / "artifacts")
+    calib_dir = ensure_dir(Path("calib") / cfg.run.name)
+
+    data_yaml = Path(cfg.data.data)
+    if cfg.data.generate and not data_yaml.is_file():
+        from .data.digits_det import generate_digits_det
+
+        LOG.info("generating the digits-det demo dataset in %s", data_yaml.parent)
+        data_yaml = generate_digits_det(data_yaml.parent)
+    if not cfg.model.checkpoint:
+        raise TrtQatError("model.checkpoint is not set; train a baseline with `trt-qat train` and set it in the config")
+    fp32, _ = load_checkpoint(cfg.model.checkpoint)
+    fp32.eval()
+    imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
+    val = YoloDataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
+    calib_ds = YoloDataset(data_yaml, cfg.data.calib_split, imgsz=imgsz)
+    train = YoloDataset(data_yaml, cfg.data.train_split, imgsz=imgsz, max_images=cfg.data.max_train_images)
+    write_image_list(calib_ds.image_paths, calib_dir / "calib_images.txt")
+    rows, stages = [], {}
+
+    def ev(model_or_runner, name):
+        runner = model_or_runner if hasattr(model_or_runner, "infer") else TorchRunner(model_or_runner, name=name)
+        t0 = time.time()
+        res = evaluate(runner, val, batch_size=bs, desc=f"eval {name}")
+        LOG.info("%-22s mAP50 %.4f  mAP50-95 %.4f  (%.0fs)", name, res["map50"], res["map50_95"], time.time() - t0)
+        return res
+
+    # 1. FP32
+    t0 = time.time()
+    r = ev(fp32, "FP32 torch")
+    rows.append({"variant": "FP32", "backend": "torch", "precision": "fp32", "batch": bs, **_m(r),
+                 "size_mb": _state_size_mb(fp32)})
+    stages["fp32_eval_s"] = time.time() - t0
+
+    # 2. PTQ: one statistics pass, every method
+    t0 = time.time()
+    sample = torch.zeros(1, 3, imgsz, imgsz)
+    qmodel = quantize(copy.deepcopy(fp32), cfg.quant, sample_input=sample)
+    calib_loader = build_dataloader(calib_ds, batch_size=bs)
+    collect_stats(qmodel, calib_loader, num_batches=cfg.calib.num_batches, histogram=True)
+    stages["calib_collect_s"] = time.time() - t0
+    ptq = {}
+    for method in cfg.run.calib_methods:
+        t1 = time.time()
+        compute_amax(qmodel, method, cfg.calib.percentile)
+        stages[f"amax_{method}_s"] = time.time() - t1
+        save_amax(qmodel, calib_dir / f"amax_{method}.pt")
+        r = ev(qmodel, f"PTQ-{method} torch")
+        ptq[method] = r
+        rows.append({"variant": f"PTQ-{method}", "backend": "torch", "precision": "int8 (fake-quant)", "batch": bs,
+                     **_m(r), "size_mb": _state_size_mb(qmodel)})
+    best_method = max(ptq, key=lambda k: ptq[k]["map50_95"])
+    compute_amax(qmodel, best_method, cfg.calib.percentile)
+    save_quantized(qmodel, work / "ptq_best.pt", extra={"calib_method": best_method})
+    save_amax(qmodel, calib_dir / "amax.pt")
+    stages["ptq_s"] = time.time() - t0
+    ptq_model = copy.deepcopy(qmodel)
+
+    # 3. QAT from the best PTQ
+    t0 = time.time()
+    train_loader = build_dataloader(train, batch_size=bs, shuffle=True, workers=cfg.data.workers)
+    qat_result = finetune(qmodel, train_loader, detection_loss_fn(qmodel), config=cfg.qat,
+                          eval_fn=lambda m: ev(m, "QAT (epoch) torch")["map50_95"],
+                          checkpoint_dir=work / "qat")
+    r = ev(qmodel, "QAT torch")
+    rows.append({"variant": "QAT", "backend": "torch", "precision": "int8 (fake-quant)", "batch": bs, **_m(r),
+                 "size_mb": _state_size_mb(qmodel), "notes": f"from PTQ-{best_method}"})
+    stages["qat_s"] = time.time() - t0
+    qat_torch = r
+
+    # 4. export
+    t0 = time.time()
+    onnx_fp32 = export_onnx(fp32, sample, work / "model_fp32.onnx", opset=cfg.export.opset,
+                            dynamic_batch=cfg.export.dynamic_batch)
+    onnx_ptq = export_onnx(ptq_model, sample, work / "model_ptq_qdq.onnx", opset=cfg.export.opset,
+                           dynamic_batch=cfg.export.dynamic_batch)
+    onnx_qat = export_onnx(qmodel, sample, work / "model_qat_qdq.onnx", opset=cfg.export.opset,
+                           dynamic_batch=cfg.export.dynamic_batch)
+    stages["export_s"] = time.time() - t0
+
+    # 5. ONNX Runtime
+    t0 = time.time()
+    ort_rows = {}
+    for variant, path, prec in (("FP32", onnx_fp32, "fp32"), (f"PTQ-{best_method}", onnx_ptq, "int8 (Q/DQ)"),
+                                ("QAT", onnx_qat, "int8 (Q/DQ)")):
+        with OnnxrtRunner(path, name=f"{variant} ort") as runner:
+            r = ev(runner, f"{variant} ort")
+        lat = _ort_latency(path, imgsz, cfg.run.threads)
+        ort_rows[variant] = r
+        rows.append({"variant": variant, "backend": "onnxruntime-cpu", "precision": prec, "batch": 1, **_m(r), **lat,
+                     "size_mb": _size_mb(path)})
+    agreement = output_agreement(qmodel, onnx_qat, val)
+    agreement["map50_95_torch"] = qat_torch["map50_95"]
+    agreement["map50_95_ort"] = ort_rows["QAT"]["map50_95"]
+    agreement["map50_95_diff_pts"] = 100 * abs(qat_torch["map50_95"] - ort_rows["QAT"]["map50_95"])
+    stages["ort_s"] = time.time() - t0
+
+    # lint the Q/DQ graphs
+    lint_qat = lint_onnx(onnx_qat)
+    lint_text = lint_qat.format_table() if hasattr(lint_qat, "format_table") else str(lint_qat)
+    stages["total_s"] = time.time() - t_start
+
+    fp32_map = rows[0]["map50_95"]
+    summary = {
+        "fp32_map50_95": fp32_map,
+        "best_ptq": {"method": best_method, "map50_95": ptq[best_method]["map50_95"]},
+        "qat_torch_map50_95": qat_torch["map50_95"],
+        "qat_ort_map50_95": ort_rows["QAT"]["map50_95"],
+        "qat_ort_minus_fp32_pts": 100 * (ort_rows["QAT"]["map50_95"] - fp32_map),
+        "qat_minus_best_ptq_pts": 100 * (ort_rows["QAT"]["map50_95"] - ptq[best_method]["map50_95"]),
+        "torch_vs_ort": agreement,
+        "lint": lint_qat.stats if hasattr(lint_qat, "stats") else None,
+        "qat_history": qat_result["history"],
+    }
+    meta = {"config": cfg.to_dict(), "versions": _versions(), "stage_seconds": stages, "summary": summary,
+            "artifacts": {k: str(v) for k, v in (("onnx_fp32", onnx_fp32), ("onnx_ptq", onnx_ptq),
+                                                 ("onnx_qat", onnx_qat), ("amax", calib_dir / "amax.pt"))},
+            "not_measured": "TensorRT rows: no TensorRT on this machine; build engines with `trt-qat build` on a GPU "
+                            "or Jetson and merge their eval/bench JSON with `trt-qat report`."}
+    sections = [("Summary", json.dumps(summary, indent=2, default=str)),
+                ("Q/DQ placement lint (QAT ONNX)", lint_text),
+                ("Quantizers", quantizer_summary(qmodel))]
+    report = write_report(rows, out, meta=meta, title=f"trt_qat report: {cfg.run.name}", sections=sections)
+    return report
+
+
+def _m(r: dict) -> dict:
+    return {"map50": r["map50"], "map50_95": r["map50_95"]}
+
+
+@cli_main
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="trt-qat run", description="Run the whole pipeline (FP32 eval, PTQ with "
+                                     "every calibration method, QAT, ONNX export, ONNX Runtime eval, report).")
+    parser.add_argument("--config", required=True, help="YAML pipeline config, e.g. configs/demo.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override config values, e.g. qat.epochs=1 data.max_val_images=100")
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise TrtQatError(f"bad --set '{item}'; use SECTION.KEY=VALUE, e.g. qat.epochs=1")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    cfg = load_pipeline_config(args.config, overrides)
+    t0 = time.time()
+    report = run_pipeline(cfg)
+    print(f"report: {report} (also report.html, report.json) in {time.time() - t0:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
