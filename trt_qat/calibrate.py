@@ -135,8 +135,10 @@ def compute_amax(model: nn.Module, method: str = "percentile", percentile: float
     for name, q in _activation_quantizers(model):
         cal = q._calibrator
         if cal.empty:
-            raise TrtQatError(f"quantizer '{name}' saw no data during calibration (its layer never ran); skip that "
-                              "layer with quant.skip or check the model's forward")
+            LOG.warning("quantizer '%s' saw no data during calibration (its layer never ran in forward); it is "
+                        "disabled. Skip that layer with quant.skip to silence this.", name)
+            q.disable()
+            continue
         amax = cal.compute_amax(method, percentile=percentile)
         if not math.isfinite(float(amax)):
             raise TrtQatError(f"quantizer '{name}' got a non-finite amax from '{method}'; the model produced NaN/inf "
@@ -167,7 +169,8 @@ def save_amax(model: nn.Module, path) -> Path:
 
     table = {name: q.amax.detach().cpu().clone() for name, q in iter_quantizers(model) if q.amax is not None}
     with atomic_path(path) as tmp:
-        torch.save({"format": "trt_qat.amax/1", "amax": table}, tmp)
+        torch.save({"format": "trt_qat.amax/1", "amax": table,
+                    "disabled": [name for name, q in iter_quantizers(model) if q._disabled]}, tmp)
     return Path(path)
 
 
@@ -185,6 +188,9 @@ def load_amax(model: nn.Module, path) -> int:
                           "architecture with the same config first")
     for name, amax in data["amax"].items():
         quantizers[name].set_amax(amax)
+    for name in data.get("disabled", []):
+        if name in quantizers:
+            quantizers[name].disable()
     return len(data["amax"])
 
 

@@ -20,11 +20,25 @@ class TrtQatError(RuntimeError):
     """A problem the user can fix. The message says what is wrong and how to fix it."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (pytest and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Configure the package logger once (idempotent)."""
     level = logging.DEBUG if verbose or os.environ.get("TRT_QAT_VERBOSE") else logging.INFO
-    if not LOG.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    # Under a host that already configured logging (pytest, an application), propagate to it instead.
+    host_handlers = [h for h in logging.getLogger().handlers if type(h).__name__ != "ABSLHandler"]
+    if not LOG.handlers and not host_handlers:
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[trt_qat] %(levelname)s: %(message)s"))
         LOG.addHandler(handler)
         LOG.propagate = False

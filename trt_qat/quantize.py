@@ -36,12 +36,11 @@ def _qnn():
 
 
 def _quiet_absl():
-    try:
-        from absl import logging as absl_logging
+    """pytorch-quantization logs through absl at INFO/WARNING for every quantizer; keep that quiet without touching
+    the root logger's level (absl's set_verbosity would)."""
+    import logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:  # pragma: no cover
-        pass
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 class TrtQuantizer(_qnn().TensorQuantizer):
@@ -274,6 +273,7 @@ def save_quantized(model: nn.Module, path, extra: dict | None = None):
         "rules_input_shape": getattr(model, "trt_qat_rules_input_shape", None),
         "model_cfg": getattr(model, "cfg", None),
         "state_dict": model.state_dict(),
+        "disabled_quantizers": [name for name, q in iter_quantizers(model) if q._disabled],
     }
     ckpt.update(extra or {})
     with atomic_path(path) as tmp:
@@ -317,6 +317,10 @@ def load_quantized(path, model: nn.Module | None = None):
         sample = torch.zeros(ckpt["rules_input_shape"])
     quantize(model, qcfg, sample_input=sample)
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    quantizers = dict(iter_quantizers(model))
+    for name in ckpt.get("disabled_quantizers", []):
+        if name in quantizers:
+            quantizers[name].disable()
     if missing or unexpected:
         raise TrtQatError(f"checkpoint '{path}' does not match the model (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}); load it with the same architecture it was saved from")
