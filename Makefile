@@ -25,7 +25,7 @@ test: $(STAMP)
 baseline: $(STAMP)
 	$(PY) -m trt_qat make-data --out datasets/digits-det
 	$(PY) -m trt_qat train --data datasets/digits-det/data.yaml --model yolo-n --epochs 40 \
-		--out weights/yolo-n_digits-det.pt
+		--threads 2 --eval-every 5 --out weights/yolo-n_digits-det.pt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check trt_qat tests benchmarks

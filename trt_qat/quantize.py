@@ -84,8 +84,10 @@ class TrtQuantizer(_qnn().TensorQuantizer):
         bound = self.bound
         qmin = 0 if self._unsigned else -bound - 1
         if amax.numel() == 1:
-            scale = (amax.reshape(1) / bound).float()
-            zero = torch.zeros(1, dtype=torch.int32, device=inputs.device)
+            # 0-d scale and zero-point: ONNX/TensorRT read a scalar as per-tensor (a 1-element 1-D tensor is
+            # per-axis on axis 1 and is rejected by TensorRT)
+            scale = (amax.reshape(()) / bound).float()
+            zero = torch.zeros((), dtype=torch.int32, device=inputs.device)
             return torch.fake_quantize_per_tensor_affine(inputs, scale, zero, qmin, bound)
         flat = amax.reshape(-1)
         axis = self._axis if isinstance(self._axis, int) else self._axis[0]

@@ -1,0 +1,68 @@
+"""`import trt_qat` and every `--help` work with tensorrt and pycuda absent; the dispatcher routes every stage."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from trt_qat.__main__ import COMMANDS
+from trt_qat.__main__ import main as dispatch
+
+BLOCK = textwrap.dedent("""
+    import importlib.abc, sys
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("tensorrt", "pycuda"):
+                raise ImportError(f"{name} blocked for this test")
+    sys.meta_path.insert(0, Block())
+""")
+
+
+def test_import_and_all_modules_without_tensorrt_pycuda_or_onnxruntime_loaded():
+    modules = sorted({m for m, _ in COMMANDS.values()})
+    code = BLOCK + textwrap.dedent(f"""
+        import importlib, sys
+        import trt_qat
+        for m in {modules!r} + ["trt_qat.runners.trt", "trt_qat.runners.onnxrt", "trt_qat.onnx_fp16"]:
+            importlib.import_module(m)
+        loaded = [m for m in ("tensorrt", "pycuda", "onnxruntime") if m in sys.modules]
+        print("LOADED", loaded)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED []" in out.stdout
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_stage_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dispatch([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_top_level_help_and_unknown_command(capsys):
+    assert dispatch(["--help"]) == 0
+    assert "commands:" in capsys.readouterr().out
+    assert dispatch(["frobnicate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown command 'frobnicate'" in err[0]
+
+
+def test_missing_tensorrt_is_one_clear_line(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    code = BLOCK + textwrap.dedent(f"""
+        import torch, trt_qat
+        from torch import nn
+        m = trt_qat.quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), trt_qat.QuantConfig(rules=False))
+        trt_qat.calibrate(m, [torch.randn(1, 3, 8, 8)], method="max", progress=False)
+        trt_qat.export_onnx(m, torch.randn(1, 3, 8, 8), {str(onnx_path)!r})
+        from trt_qat.__main__ import main
+        sys.exit(main(["build", "--onnx", {str(onnx_path)!r}, "--saveEngine", {str(tmp_path / "e.engine")!r}]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("trt_qat: error:")]
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "Docker" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "e.engine").exists()
