@@ -16,8 +16,7 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from .errors import TrtQatError  # noqa: E402
     from .export import export_onnx  # noqa: E402
     from .qat import finetune  # noqa: E402
-    from .quantize import (iter_quantizers, load_quantized, quantize, quantizer_summary,  # noqa: E402
-                           save_quantized)
+    from .quantize import iter_quantizers, load_quantized, quantize, quantizer_summary, save_quantized  # noqa: E402
 
 __all__ = [
     "CalibConfig", "ExportConfig", "QATConfig", "QuantConfig", "TrtQatError", "__version__",

@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="append", required=True,
                    help="ONNX model run with ONNX Runtime; repeat to compare several (the first is the reference)")
     p.add_argument("--engine", action="append", default=[], help="TensorRT engine to compare too (repeatable)")
+    p.add_argument("--checkpoint", default=None,
+                   help="PyTorch checkpoint (FP32 or quantized fake-quant); when given it is the reference")
     p.add_argument("--providers", default="cpu", help="ONNX Runtime providers for the ONNX runners (default: cpu)")
     p.add_argument("--input-shape", "--shapes", dest="shapes", default=None,
                    help="input shapes for random inputs, e.g. images:1x3x640x640")
@@ -227,6 +229,10 @@ def main(argv=None):
         raise TrtQatError(f"--num-inputs must be >= 1, got {args.num_inputs}")
     shapes = parse_shapes(args.shapes)
     runners = []
+    if args.checkpoint:
+        from .runners.torch_runner import torch_runner_from_checkpoint
+
+        runners.append(torch_runner_from_checkpoint(args.checkpoint)[0])
     for i, path in enumerate(args.onnx):
         runners.append(OnnxrtRunner(path, providers=args.providers, intra_op_threads=args.threads,
                                     name=f"ort:{i}" if len(args.onnx) > 1 else "ort"))
@@ -235,13 +241,14 @@ def main(argv=None):
 
         runners.append(TrtRunner(path, name=f"trt:{i}" if len(args.engine) > 1 else "trt"))
     if len(runners) < 2:
-        raise TrtQatError("give at least two models to compare: --onnx A.onnx --engine A.engine, "
-                          "or --onnx A.onnx --onnx B.onnx")
-    with runners[0]:
+        raise TrtQatError("give at least two models to compare: --checkpoint A.pt --onnx A.onnx, "
+                          "--onnx A.onnx --engine A.engine, or --onnx A.onnx --onnx B.onnx")
+    shaped = next(r for r in runners if r.backend != "torch")  # ONNX/engine runners declare input shapes
+    with shaped:
         if args.inputs:
-            feeds = [load_npz_feed(args.inputs, runners[0].input_names)]
+            feeds = [load_npz_feed(args.inputs, shaped.input_names)]
         else:
-            feeds = [make_feed(runners[0], batch=args.batch, shapes=shapes, seed=args.seed + k)
+            feeds = [make_feed(shaped, batch=args.batch, shapes=shapes, seed=args.seed + k)
                      for k in range(args.num_inputs)]
         report = compare_runners(runners, feeds, {"cosine": args.cosine, "max_abs": args.max_abs,
                                                   "mean_abs": args.mean_abs})

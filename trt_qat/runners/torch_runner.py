@@ -1,0 +1,90 @@
+"""PyTorch runner: runs an ``nn.Module`` (FP32, fake-quantized or QAT) behind the common runner interface."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from ..errors import TrtQatError
+from .base import BaseRunner
+
+__all__ = ["TorchRunner"]
+
+
+class TorchRunner(BaseRunner):
+    """Runs a PyTorch module in eval mode under ``torch.no_grad()``; numpy in, numpy out.
+
+    Args:
+        model (torch.nn.Module): the model; it is put in eval mode when the runner is activated.
+        input_name (str): name of the single input in feed dicts. Defaults to "images".
+        output_names (sequence[str]): names given to the model's outputs, in order. Defaults to ("output",).
+        device (str | torch.device | None): where to run. Defaults to the model's current device.
+        name (str | None): the runner's name in reports. Defaults to "torch".
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: torch.nn.Module, input_name: str = "images", output_names=("output",),
+                 device=None, name: str | None = None):
+        super().__init__(name=name)
+        if not isinstance(model, torch.nn.Module):
+            raise TrtQatError(f"TorchRunner needs a torch.nn.Module, got {type(model).__name__}; "
+                              "load the checkpoint into a model first")
+        self.model = model
+        self.input_name = input_name
+        self.output_names = tuple(output_names)
+        self.device = torch.device(device) if device is not None else None
+        self._was_training = None
+
+    def _model_device(self) -> torch.device:
+        if self.device is not None:
+            return self.device
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # --- BaseRunner hooks -----------------------------------------------------------------------
+    def activate_impl(self):
+        self._was_training = self.model.training
+        if self.device is not None:
+            self.model.to(self.device)
+        self.model.eval()
+
+    def deactivate_impl(self):
+        if self._was_training:
+            self.model.train()
+        self._was_training = None
+
+    def input_names_impl(self):
+        return [self.input_name]
+
+    def infer_impl(self, feed_dict):
+        device = self._model_device()
+        x = torch.from_numpy(np.asarray(feed_dict[self.input_name])).to(device)
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model(x)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        if len(outs) > len(self.output_names):
+            names = list(self.output_names) + [f"output{i}" for i in range(len(self.output_names), len(outs))]
+        else:
+            names = list(self.output_names)
+        return OrderedDict((n, t.detach().float().cpu().numpy()) for n, t in zip(names, outs))
+
+
+def torch_runner_from_checkpoint(path, name: str | None = None):
+    """A :class:`TorchRunner` for an FP32 (``trt-qat train``) or quantized (``calibrate``/``qat``) checkpoint.
+
+    Returns:
+        tuple[TorchRunner, str]: the runner and its precision label.
+    """
+    from ..quantize import QUANT_FORMAT, _read_checkpoint, load_quantized
+
+    ckpt = _read_checkpoint(path)
+    if ckpt.get("format") == QUANT_FORMAT:
+        model, _ = load_quantized(path)
+        return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)"
+    from ..models.yolo import load_checkpoint
+
+    model, _ = load_checkpoint(path)
+    return TorchRunner(model, name=name or "torch"), "fp32"
