@@ -24,8 +24,8 @@ test: $(STAMP)
 # Re-create the committed FP32 baseline (weights/yolo-n_digits-det.pt) from scratch.
 baseline: $(STAMP)
 	$(PY) -m trt_qat make-data --out datasets/digits-det
-	$(PY) -m trt_qat train --data datasets/digits-det/data.yaml --model yolo-n --epochs 40 \
-		--threads 2 --eval-every 5 --out weights/yolo-n_digits-det.pt
+	$(PY) -m trt_qat train --data datasets/digits-det/data.yaml --model yolo-n --epochs 30 \
+		--threads 1 --eval-every 5 --out weights/yolo-n_digits-det.pt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check trt_qat tests benchmarks

@@ -1,0 +1,103 @@
+"""QAT loop: frozen scales, cosine schedule, atomic checkpoints, best-epoch selection and resume after a kill."""
+import pytest
+import torch
+from torch import nn
+
+import trt_qat
+from trt_qat.config import QATConfig, QuantConfig
+from trt_qat.errors import TrtQatError
+from trt_qat.qat import cosine_lr
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 2))
+    trt_qat.quantize(model, QuantConfig(rules=False))
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(3)]
+    trt_qat.calibrate(model, [x for x, _ in data], method="max", progress=False)
+    return model, data
+
+
+def loss_fn(m, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(m(x), y)
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 10, 1.0, 0.01) == pytest.approx(1.0)
+    assert cosine_lr(9, 10, 1.0, 0.01) == pytest.approx(0.01)
+    vals = [cosine_lr(s, 10, 1.0, 0.01) for s in range(10)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_scales_stay_frozen_and_bn_stats_fixed():
+    model, data = _setup()
+    amax = {n: q.amax.clone() for n, q in trt_qat.iter_quantizers(model)}
+    bn_mean = model[1].running_mean.clone()
+    trt_qat.finetune(model, data, loss_fn, epochs=1, lr=1e-2, progress=False)
+    for n, q in trt_qat.iter_quantizers(model):
+        assert torch.equal(q.amax, amax[n])
+    assert torch.equal(model[1].running_mean, bn_mean)
+
+
+def test_best_epoch_is_kept_and_restored(tmp_path):
+    model, data = _setup()
+    scores = iter([0.5, 0.9, 0.1])
+    snapshots = []
+
+    def eval_fn(m):
+        snapshots.append(m[0].weight.detach().clone())
+        return next(scores)
+
+    res = trt_qat.finetune(model, data, loss_fn, epochs=3, lr=1e-2, eval_fn=eval_fn, checkpoint_dir=tmp_path,
+                           progress=False)
+    assert res["best_epoch"] == 2 and res["best_score"] == 0.9
+    assert torch.equal(model[0].weight, snapshots[1])
+    best, _ = trt_qat.load_quantized(tmp_path / "best.pt", model=_fresh())
+    assert torch.equal(best[0].weight, snapshots[1])
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def _fresh():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 2))
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    # reference: 2 uninterrupted epochs
+    ref_model, data = _setup()
+    trt_qat.finetune(ref_model, data, loss_fn, epochs=2, lr=1e-2, progress=False)
+
+    model, data = _setup()
+    calls = {"n": 0}
+
+    def dying_loss(m, batch):
+        calls["n"] += 1
+        if calls["n"] == len(data) + 2:  # in the middle of epoch 2
+            raise KeyboardInterrupt("killed")
+        return loss_fn(m, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        trt_qat.finetune(model, data, dying_loss, epochs=2, lr=1e-2, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / "last.pt").is_file()
+
+    resumed, data = _setup()
+    res = trt_qat.finetune(resumed, data, loss_fn, epochs=2, lr=1e-2, checkpoint_dir=tmp_path, progress=False)
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    torch.testing.assert_close(resumed[0].weight, ref_model[0].weight)
+
+
+def test_refuses_uncalibrated_model_and_bad_config():
+    model = trt_qat.quantize(_fresh(), QuantConfig(rules=False))
+    with pytest.raises(TrtQatError, match="never calibrated"):
+        trt_qat.finetune(model, [1], loss_fn, epochs=1, progress=False)
+    with pytest.raises(TrtQatError, match="qat.lr"):
+        QATConfig(lr=-1)
+
+
+def test_nan_loss_is_one_clear_error():
+    model, data = _setup()
+    with pytest.raises(TrtQatError, match="lower --lr"):
+        trt_qat.finetune(model, data, lambda m, b: torch.tensor(float("nan")), epochs=1, progress=False)
