@@ -18,14 +18,16 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
         "model": {"checkpoint": str(tmp_path / "fp32.pt")},
         "data": {"data": str(data), "batch_size": 8},
         "qat": {"epochs": 1, "max_steps_per_epoch": 2},
-        "run": {"name": "e2e", "out_dir": "reports", "calib_methods": ["max", "entropy"], "threads": 1},
+        "run": {"name": "e2e", "out_dir": "reports", "calib_methods": ["max", "entropy"], "threads": 1,
+                "sensitivity": True},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     assert run_main(["--config", "cfg.yaml"]) == 0
     assert "report: reports/e2e/report.md" in capsys.readouterr().out
 
     out = tmp_path / "reports" / "e2e"
-    for name in ("report.md", "report.json", "report.html", "map_by_variant.png", "latency_vs_map.png"):
+    for name in ("report.md", "report.json", "report.html", "map_by_variant.png", "latency_vs_map.png",
+                 "sensitivity.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     variants = {(r["variant"], r["backend"]) for r in report["rows"]}
@@ -42,7 +44,9 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert versions["pytorch_quantization"] == "2.1.3" and "onnxruntime" in versions
     assert (tmp_path / "calib" / "e2e" / "amax.pt").is_file()
     assert (tmp_path / "calib" / "e2e" / "calib_images.txt").read_text().count("\n") == 8
-    assert "<img" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert html.count("<img") == 3 and "Quantization sensitivity" in html
+    assert "sensitivity.png" in (out / "report.md").read_text()
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers
 

@@ -157,6 +157,18 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     save_amax(qmodel, calib_dir / "amax.pt")
     stages["ptq_s"] = time.time() - t0
     ptq_model = copy.deepcopy(qmodel)
+    sections, images = [], []
+    if cfg.run.sensitivity:
+        t0 = time.time()
+        from .sensitivity import layer_sensitivity, map_metric, plot_sensitivity, sensitivity_section
+
+        n_img = min(len(val), 64)
+        results = layer_sensitivity(ptq_model, map_metric(val, batch_size=bs, max_images=n_img),
+                                    mode="leave-one-out")
+        images.append(plot_sensitivity(results, out / "sensitivity.png", unit="mAP50-95"))
+        heading, text = sensitivity_section(results, unit="mAP50-95")
+        sections.append((f"{heading} (leave-one-out on PTQ-{best_method}, {n_img} val images)", text))
+        stages["sensitivity_s"] = time.time() - t0
 
     # 3. QAT from the best PTQ
     t0 = time.time()
@@ -220,9 +232,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             "not_measured": "TensorRT rows: no TensorRT on this machine; build engines with `trt-qat build` on a GPU "
                             "or Jetson and merge their eval/bench JSON with `trt-qat report`."}
     sections = [("Summary", json.dumps(summary, indent=2, default=str)),
-                ("Q/DQ placement lint (QAT ONNX)", lint_text),
+                ("Q/DQ placement lint (QAT ONNX)", lint_text), *sections,
                 ("Quantizers", quantizer_summary(qmodel))]
-    report = write_report(rows, out, meta=meta, title=f"trt_qat report: {cfg.run.name}", sections=sections)
+    report = write_report(rows, out, meta=meta, title=f"trt_qat report: {cfg.run.name}", sections=sections,
+                          images=images)
     return report
 
 

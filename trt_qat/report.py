@@ -137,7 +137,7 @@ def _html(title, rows, meta, plots, sections) -> str:
 
 
 def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat report",
-                 sections: list | None = None) -> Path:
+                 sections: list | None = None, images: list | None = None) -> Path:
     """Write report.md, report.json, report.html and PNG plots into ``out_dir``; returns the report.md path.
 
     Args:
@@ -146,6 +146,7 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
         meta (dict): run configuration, versions, notes. Defaults to {}.
         title (str): Defaults to "trt_qat report".
         sections (list[tuple[str, str]]): extra (heading, preformatted text) sections, e.g. a lint summary.
+        images (list[str]): extra PNG files (e.g. a sensitivity chart) to link and embed. Defaults to none.
     """
     out = ensure_dir(out_dir)
     meta = meta or {}
@@ -154,6 +155,9 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
     for name, data in plots.items():
         with atomic_path(out / name) as tmp:
             Path(tmp).write_bytes(data)
+    for img in images or []:
+        img = Path(img)
+        plots[img.name if img.parent.resolve() == out.resolve() else str(img)] = img.read_bytes()
     md = [f"# {title}", "", format_markdown_table(rows), ""]
     md += [f"![{name}]({name})" for name in plots]
     for heading, body in sections:
