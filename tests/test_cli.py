@@ -66,3 +66,17 @@ def test_missing_tensorrt_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "TensorRT is not installed" in lines[0] and "Docker" in lines[0]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "e.engine").exists()
+
+
+@pytest.mark.parametrize("module", ["trt_qat.build_engine", "trt_qat.benchmark", "trt_qat.compare"])
+def test_every_trt_tool_flag_is_documented_in_readme(module):
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    parser = importlib.import_module(module).build_parser()
+    flags = [o for a in parser._actions if not isinstance(a, argparse._HelpAction) for o in a.option_strings
+             if o.startswith("--")]
+    missing = [f for f in flags if f"`{f}`" not in readme]
+    assert flags and not missing
