@@ -5,7 +5,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-import torch
 from fixtures_data import tiny_digits_yaml  # noqa: F401  (pytest fixture)
 
 from trt_qat.errors import TrtQatError
@@ -15,14 +14,6 @@ from trt_qat.runners.torch_runner import TorchRunner
 
 pytest.importorskip("pycocotools")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the tiny ops here gain nothing from more, and a shared CPU punishes spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class OracleRunner(BaseRunner):

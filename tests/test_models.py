@@ -16,14 +16,6 @@ NC = 10
 NO = NC + 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the tiny ops here gain nothing from more, and a shared CPU punishes spinning."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model_n():

@@ -27,15 +27,6 @@ from trt_qat.sensitivity import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these are many tiny forwards, and on a shared machine two spinning threads are slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Tiny(nn.Module):
     """c1 -> c2 -> maxpool -> (c3a | c3b) -> cat -> c4; c2's input carries a huge outlier channel."""
 
