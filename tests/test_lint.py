@@ -478,3 +478,21 @@ def test_multi_scale_tensor():
     assert codes(report, "r") == ["multi-scale-tensor"]
     assert report.stats["scale_mismatches"] == 1
     assert codes(lint_onnx(graph(0.1, 0.1)), "r") == []
+
+
+def test_one_element_1d_per_tensor_scale_is_flagged():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trt_qat.lint import lint_onnx
+
+    inits = [numpy_helper.from_array(np.array([0.1], np.float32), "s1d"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "s0d"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s1d", "zp"], ["q"], name="q_bad"),
+             helper.make_node("DequantizeLinear", ["q", "s0d", "zp"], ["y"], name="dq_ok")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    found = lint_onnx(model).by_code("per-tensor-scale-shape")
+    assert [f.node for f in found] == ["q_bad"]

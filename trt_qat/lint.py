@@ -480,6 +480,11 @@ class _Linter:
             if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
                 self.add("error", "invalid-scale", node, "scale has zero, negative or non-finite values",
                          "recalibrate: an amax of 0 or NaN (a quantizer that saw no data) produced this scale")
+            if scale.ndim == 1 and scale.size == 1 and not any(a.name == "axis" for a in node.attribute):
+                self.add("warning", "per-tensor-scale-shape", node,
+                         "per-tensor scale is a 1-element 1-D tensor, which ONNX reads as per-axis on axis 1; "
+                         "TensorRT expects a scalar",
+                         "export a 0-d scale (trt_qat's quantizers do) or reshape the initializer to a scalar")
         zp_name = node.input[2] if len(node.input) > 2 else ""
         if not zp_name:
             if node.op_type == "QuantizeLinear":
