@@ -12,18 +12,365 @@ absolute values (equal-width bins from 0, grown when a larger value arrives, as 
 The mse and entropy searches are vectorised over all candidate bins at once, run on whatever device the
 histogram lives on (CPU included; the reference implementation calls ``.cuda()`` for mse), and reproduce the
 reference algorithms' choices.
+
+:func:`fake_quant` is the fake-quantization used by :class:`trt_qat.quantize.TrtQuantizer` (amax in, Q/DQ
+out): bit-for-bit the function of torch's ``fake_quantize_per_tensor_affine`` /
+``fake_quantize_per_channel_affine``, gradient included, but computed on the CPU with vectorised kernels (see its
+docstring). That is ONNX QuantizeLinear + DequantizeLinear (range [-128, 127], round half to even) except at
+exact ties ``x = (k + 0.5) * scale``, where torch multiplies by ``1/scale`` and ONNX divides by ``scale``, so the
+two can round to neighbouring steps.
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+import weakref
 
+import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["HistogramMaxCalibrator", "amax_percentile", "amax_mse", "amax_entropy"]
+__all__ = ["HistogramMaxCalibrator", "amax_percentile", "amax_mse", "amax_entropy", "fake_quant", "FakeQuantCache",
+           "reuse_fake_quant", "remember_fake_quant"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fake quantization
+# ----------------------------------------------------------------------------------------------------------------
+def _f32(v: float) -> float:
+    """``v`` rounded to the nearest float32 (as a Python float).
+
+    For one +, -, *, / of float32 operands, computing in double and rounding once to float32 gives the correctly
+    rounded float32 result (double has more than 2 * 24 + 2 bits), i.e. exactly what float32 tensor arithmetic gives.
+    """
+    return float(np.float32(v))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pass_edges(inv: float, qmin: int, qmax: int):
+    """Where torch's fake-quant lets the gradient through, for float32 ``x`` and ``inv = 1/scale``.
+
+    Returns ``(lo, hi, lo_open, hi_open)``: ``nearbyint(fl32(x * inv))`` lies in ``[qmin, qmax]`` exactly when
+    ``lo <= x <= hi``, i.e. when ``lo_open < x < hi_open`` (the neighbouring float32 values). ``fl32(x * inv)`` is
+    monotone in ``x``, so that set is an interval; its float32 ends are found by stepping ulp by ulp from the
+    real-valued estimate and testing the predicate with the same float32 arithmetic.
+    """
+    inv_t = torch.tensor(inv, dtype=torch.float32)
+
+    def inside(x):
+        q = torch.round(torch.tensor(x, dtype=torch.float32) * inv_t)
+        return bool((q >= qmin) & (q <= qmax))
+
+    def step(x, toward):
+        return float(torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)))
+
+    lo = _f32((qmin - 0.5) / inv)
+    while inside(lo):
+        lo = step(lo, -math.inf)
+    while not inside(lo):
+        lo = step(lo, math.inf)
+    hi = _f32((qmax + 0.5) / inv)
+    while inside(hi):
+        hi = step(hi, math.inf)
+    while not inside(hi):
+        hi = step(hi, -math.inf)
+    return lo, hi, step(lo, -math.inf), step(hi, math.inf)
+
+
+class _FakeQuantTensorCPU(torch.autograd.Function):
+    """Per-tensor fake-quant on the CPU; the straight-through mask is applied in backward with one fused pass."""
+
+    @staticmethod
+    def forward(ctx, x, params, qmin, qmax):
+        # x is kept for backward instead of a bool mask: building a mask costs two or three passes over x, while
+        # hardtanh's backward kernel applies ``lo <= x <= hi`` to the gradient in one pass
+        scale, inv, lo_open, hi_open = params
+        ctx.edges = (lo_open, hi_open)
+        ctx.save_for_backward(x)
+        return _qdq_per_tensor(x, scale, inv, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # hardtanh's gradient: grad where lo_open < x < hi_open (i.e. lo <= x <= hi), else 0
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.edges), None, None, None
+
+
+def _channel_scales(amax, bound: int, axis: int, ndim: int, cache: dict | None):
+    """``(scale, 1/scale)`` float32 tensors shaped to broadcast along ``axis``, reused while amax is unchanged."""
+    key = (axis, ndim, bound, amax.shape, amax.device)
+    hit = cache.get("channel") if cache is not None else None
+    if hit is not None and hit[0] == key and torch.equal(hit[1], amax):
+        return hit[2], hit[3]
+    shape = [1] * ndim
+    shape[axis] = -1
+    s = (amax.detach().reshape(-1) / bound).float().view(shape)
+    inv = 1.0 / s  # float32 division, as torch's kernel computes 1.0f / scale
+    if cache is not None:
+        cache["channel"] = (key, amax.detach().clone(), s, inv)
+    return s, inv
+
+
+class _FakeQuantChannelCPU(torch.autograd.Function):
+    """Per-channel fake-quant on the CPU as a few vectorised elementwise ops (weights are small)."""
+
+    @staticmethod
+    def forward(ctx, x, s, inv, qmin, qmax):
+        t = (x * inv).round_()
+        tmin, tmax = torch.aminmax(t)
+        # weights rarely clip (amax is their calibrated max): then no mask, no clamp, identity backward
+        ctx.clipped = not (float(tmin) >= qmin and float(tmax) <= qmax)
+        if ctx.clipped:
+            ctx.save_for_backward((t >= qmin) & (t <= qmax))
+            t.clamp_(qmin, qmax)
+        return t.mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.clipped:
+            (mask,) = ctx.saved_tensors
+            grad = grad * mask
+        return grad, None, None, None, None
+
+
+def _all_reduce_max(t: torch.Tensor, group):
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group is True else group)
+
+
+#: the last histogram counts as (weakref(input), input version, (width, length), counts); see _bin_counts
+_RECENT_COUNTS: list = []
+
+
+def _bin_counts(x: torch.Tensor, width: float, length: int, source: torch.Tensor) -> torch.Tensor:
+    """``bincount(trunc(fl32(|x| / width)), minlength=length)`` as float64; reused when ``source`` (the tensor
+    the quantizer was called with) is the very tensor counted last time, unchanged, with the same bins."""
+    key = (width, length)
+    inference = source.is_inference()
+    if not inference:
+        for xref, version, k, counts in _RECENT_COUNTS:
+            if k == key and xref() is source and source._version == version:
+                return counts.clone()
+    # trunc toward zero then abs: trunc(|x| / w); bin indices fit 16 bits for the usual lengths
+    itype = torch.int16 if length <= 32767 else torch.int32
+    idx = torch.div(x, width).to(itype).abs_().reshape(-1)
+    counts = torch.bincount(idx, minlength=length).to(torch.float64)
+    if not inference:
+        _RECENT_COUNTS.insert(0, (weakref.ref(source), source._version, key, counts))
+        del _RECENT_COUNTS[8:]
+    return counts.clone()
+
+
+#: whether torch.quantize_per_tensor + dequantize reproduces torch's fake-quant bit for bit here, per (qmin, qmax)
+_QDQ_OK: dict = {}
+
+
+def _qdq_per_tensor(x, scale: float, inv: float, qmin: int, qmax: int):
+    """Per-tensor fake-quant value on the CPU (no autograd).
+
+    ``torch.quantize_per_tensor(...).dequantize()`` runs vectorised INT8 kernels (about 20x faster than the
+    scalar CPU kernel of ``fake_quantize_per_tensor_affine``). It is used after a one-time self-check shows that
+    it gives the very same values; otherwise the exact composite ``clamp(round(x * inv), qmin, qmax) * scale``.
+    """
+    ok = _QDQ_OK.get((qmin, qmax))
+    if ok is None:
+        ok = _QDQ_OK[(qmin, qmax)] = _check_qdq(qmin, qmax)
+    if ok and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.quantize_per_tensor(x, scale, 0, torch.qint8 if qmin < 0 else torch.quint8).dequantize()
+    return (x * inv).round_().clamp_(qmin, qmax).mul_(scale)
+
+
+def _check_qdq(qmin: int, qmax: int) -> bool:
+    if (qmin, qmax) not in ((-128, 127), (0, 255)):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor creation is marked deprecated in recent torch
+            g = torch.Generator().manual_seed(0)
+            scale = _f32(0.0173)
+            inv = _f32(1.0 / scale)
+            x = torch.cat([torch.randn(4099, generator=g) * 2.0 * qmax * scale,
+                           (torch.arange(-300, 300, dtype=torch.float32) + 0.5) * scale,  # ties
+                           torch.arange(-300, 300, dtype=torch.float32) * scale])
+            ref = torch.fake_quantize_per_tensor_affine(x, scale, 0, qmin, qmax)
+            got = torch.quantize_per_tensor(x, scale, 0, torch.qint8 if qmin < 0 else torch.quint8).dequantize()
+            comp = (x * inv).round_().clamp_(qmin, qmax).mul_(scale)
+            torch.quantize_per_tensor(x, scale, 0, torch.qint8)  # warn (once) inside the filter
+            return bool(torch.equal(ref, got) and torch.equal(ref, comp))
+    except Exception:  # no quantized tensors in this build
+        return False
+
+
+#: the last few per-tensor results as (weakref(input), input version, key, weakref(output), output version): two
+#: quantizers with the same scale reading the very same, unchanged tensor (the two 1x1 convs of a C3/CSP block, a
+#: neck conv and a head conv, once calibration gave them the same amax) share one fake-quant node instead of
+#: computing it twice; the gradients of both consumers then meet in that node, as they would at the shared input
+_RECENT: list = []
+
+
+def _recent_get(x, key):
+    if x.is_inference():
+        return None
+    for xref, version, k, yref, y_version in _RECENT:
+        if k == key and xref() is x and x._version == version:
+            y = yref()
+            return y if y is not None and y._version == y_version else None
+    return None
+
+
+def _recent_put(x, key, y):
+    if x.is_inference():
+        return
+    _RECENT.insert(0, (weakref.ref(x), x._version, key, weakref.ref(y), y._version))
+    del _RECENT[8:]
+
+
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+#: set False to run torch's own fake-quant ops on the CPU too (same numbers, slower; for tests and benchmarks)
+FAST_CPU_FAKE_QUANT = True
+
+
+def _native_path(x) -> bool:
+    """Use torch's own fake-quant ops: off the CPU, for non-float32 data, and while tracing/exporting/compiling."""
+    return (x.device.type != "cpu" or x.dtype != torch.float32 or not FAST_CPU_FAKE_QUANT or torch.jit.is_tracing()
+            or _is_compiling())
+
+
+@functools.lru_cache(maxsize=4096)
+def _tensor_params(amax: float, bound: int, qmin: int, qmax: int):
+    """``(scale, 1/scale, lo_open, hi_open)`` in float32 for a per-tensor amax, or None when degenerate."""
+    scale = _f32(amax / bound)
+    inv = _f32(1.0 / scale) if scale > 0 else math.inf
+    if not (scale > 0 and math.isfinite(scale) and math.isfinite(inv)):
+        return None
+    return (scale, inv) + _pass_edges(inv, qmin, qmax)[2:]
+
+
+def fake_quant(inputs: torch.Tensor, amax: torch.Tensor, num_bits: int = 8, unsigned: bool = False,
+               axis: int | None = None, cache: dict | None = None) -> torch.Tensor:
+    """Symmetric fake quantization with TensorRT / ONNX Q-DQ semantics.
+
+    ``scale = amax / (2**(num_bits-1) - 1)`` (``2**num_bits - 1`` unsigned), zero point 0,
+    ``y = clamp(nearbyint(x * (1/scale)), qmin, qmax) * scale`` with the full range ``[-128, 127]`` (``[0, 255]``
+    unsigned) and round-half-to-even; the gradient is straight-through where ``nearbyint(x * (1/scale))`` is in
+    ``[qmin, qmax]`` and zero elsewhere. This is exactly ``torch.fake_quantize_per_tensor_affine`` /
+    ``torch.fake_quantize_per_channel_affine`` (forward and backward), which is what runs on CUDA, for non-float32
+    inputs and while tracing (ONNX export). On the CPU the same numbers (for finite inputs) come from faster
+    kernels: the per-tensor value from vectorised quantize/dequantize (self-checked once per process), a gradient
+    mask only when some value actually clips (one ``aminmax``; the mask is then one fused ``hardtanh_backward``
+    pass), and per-channel weights as a few vectorised elementwise ops, where torch's CPU fake-quant kernels are
+    scalar loops about 20x slower than a SiLU.
+
+    Args:
+        inputs (torch.Tensor): data.
+        amax (torch.Tensor): one element (per tensor) or one per channel along ``axis``.
+        num_bits (int): Defaults to 8.
+        unsigned (bool): Defaults to False.
+        axis (int | None): channel axis for a per-channel ``amax``. Defaults to None.
+        cache (dict | None): a per-quantizer dict in which per-channel scales are kept while amax is unchanged.
+            Defaults to None (no reuse).
+
+    Returns:
+        torch.Tensor: the fake-quantized tensor.
+    """
+    bound = (1 << (num_bits - 1 + int(unsigned))) - 1
+    qmin, qmax = (0, bound) if unsigned else (-bound - 1, bound)
+    native = _native_path(inputs)
+    if amax.numel() == 1:
+        params = None if native else _tensor_params(float(amax), bound, qmin, qmax)
+        if params is not None:
+            grad = torch.is_grad_enabled() and inputs.requires_grad
+            key = (params[0], qmin, qmax, grad)
+            out = _recent_get(inputs, key)
+            if out is None:
+                if grad:
+                    out = _FakeQuantTensorCPU.apply(inputs, params, qmin, qmax)
+                else:
+                    out = _qdq_per_tensor(inputs, params[0], params[1], qmin, qmax)
+                _recent_put(inputs, key, out)
+            return out
+        # 0-d scale and zero-point: ONNX/TensorRT read a scalar as per-tensor (a 1-element 1-D tensor is
+        # per-axis on axis 1 and is rejected by TensorRT)
+        scale_t = (amax.detach().reshape(()) / bound).float()
+        zero = torch.zeros((), dtype=torch.int32, device=inputs.device)
+        return torch.fake_quantize_per_tensor_affine(inputs, scale_t, zero, qmin, qmax)
+    axis = axis % inputs.dim()
+    if native:
+        scale_t = (amax.detach().reshape(-1) / bound).float()
+        zero = torch.zeros(scale_t.numel(), dtype=torch.int32, device=inputs.device)
+        return torch.fake_quantize_per_channel_affine(inputs, scale_t, zero, axis, qmin, qmax)
+    s, inv = _channel_scales(amax, bound, axis, inputs.dim(), cache)
+    if torch.is_grad_enabled() and inputs.requires_grad:
+        # usual case, nothing clips: the straight-through gradient is the identity, so the value is written in place
+        # into a clone (whose C++ backward is the identity) instead of going through a Python autograd Function
+        out = inputs.clone()
+        with torch.no_grad():
+            t = out.mul_(inv).round_()
+            tmin, tmax = torch.aminmax(t)
+            if float(tmin) >= qmin and float(tmax) <= qmax:
+                return out.mul_(s)
+        return _FakeQuantChannelCPU.apply(inputs, s, inv, qmin, qmax)
+    return (inputs * inv).round_().clamp_(qmin, qmax).mul_(s)
+
+
+class FakeQuantCache(dict):
+    """A quantizer's scratch space (per-channel scales, its last no-grad weight output); copies and pickles of the
+    quantizer start with an empty one."""
+
+    def __reduce__(self):
+        return (FakeQuantCache, ())
+
+    def __deepcopy__(self, memo):
+        return FakeQuantCache()
+
+
+def reuse_fake_quant(cache: dict, inputs: torch.Tensor, amax, scale_amax):
+    """The output remembered by :func:`remember_fake_quant` for this very, unchanged ``inputs`` tensor and amax.
+
+    "Unchanged" is judged as autograd judges it: same tensor object, storage and version counter (in-place ops
+    bump it; writes through ``.data`` are invisible to autograd and to this check alike).
+    """
+    hit = cache.get("out")
+    if hit is None or inputs.is_inference():
+        return None
+    ref, version, ptr, amax_copy, scale, out = hit
+    if (ref() is not inputs or inputs._version != version or inputs.data_ptr() != ptr or scale != scale_amax
+            or out.device != inputs.device or out.dtype != inputs.dtype or out.shape != inputs.shape):
+        return None
+    if (amax_copy is None) != (amax is None) or (amax is not None and not (
+            amax_copy.shape == amax.shape and amax_copy.device == amax.device and torch.equal(amax_copy, amax))):
+        return None
+    return out
+
+
+def remember_fake_quant(cache: dict, inputs: torch.Tensor, amax, scale_amax, out: torch.Tensor):
+    """Keep ``out`` for ``inputs`` (weights, under ``torch.no_grad``): a weight is then fake-quantized once per
+    evaluation or calibration run instead of once per batch. Only parameters are remembered."""
+    if isinstance(inputs, nn.Parameter) and not inputs.is_inference():
+        cache["out"] = (weakref.ref(inputs), inputs._version, inputs.data_ptr(),
+                        None if amax is None else amax.detach().clone(), scale_amax, out)
+    else:
+        cache.pop("out", None)
 
 
 class HistogramMaxCalibrator:
     """Collects the absolute max and a histogram of |x| for a per-tensor activation quantizer.
+
+    The histogram has equal-width bins ``[k * width, (k + 1) * width)`` from 0, ``width`` = first batch's max |x| /
+    ``num_bins`` (a float32 value), and grows by appending bins when a larger value arrives, as
+    pytorch-quantization's ``HistogramCalibrator`` does. An element's bin is ``trunc(fl32(|x| / width))``; for the
+    first batch (and a power-of-two ``num_bins``) that is exactly ``torch.histc``'s bin, values equal to the max
+    going to the last bin. Because the bin of a value depends only on ``width``, histograms collected with the same
+    width merge exactly (summing, after padding to the longer one): that is how ranks of a distributed calibration
+    are combined (see :mod:`trt_qat.distributed`), with the first batch's max agreed across ranks.
+
+    Counting uses ``bincount`` on 16-bit bin indices rather than ``histc`` (about 2x faster on the CPU, same
+    counts), and a tensor that another quantizer has just counted with the same width (the two 1x1 convs of a
+    CSP block read the same input) is counted once.
 
     Args:
         num_bins (int): initial number of bins. Defaults to 2048.
@@ -37,12 +384,15 @@ class HistogramMaxCalibrator:
         self.num_bits = num_bits
         self.unsigned = unsigned
         self.collect_histogram = collect_histogram
+        #: a torch.distributed process group (or True for the default group) with which the first batch's max is
+        #: agreed, so that every rank bins with the same width; None: no agreement (single process)
+        self.sync_group = None
         self.reset()
 
     def reset(self):
         self.amax = None  # running max of |x| (0-d tensor on the data's device)
         self.hist = None  # float64 counts
-        self.width = None  # bin width (python float)
+        self.width = None  # bin width (python float holding a float32 value)
 
     @property
     def empty(self) -> bool:
@@ -50,25 +400,35 @@ class HistogramMaxCalibrator:
 
     @torch.no_grad()
     def collect(self, x: torch.Tensor):
-        x = x.detach().float().abs()
-        xmax = x.max()
-        self.amax = xmax if self.amax is None else torch.maximum(self.amax, xmax)
+        source, x = x, x.detach()
+        if x.dtype != torch.float32:
+            x = x.float()
+        xmin, xmax = torch.aminmax(x)
+        bmax = torch.maximum(xmax, -xmin)  # max |x|, without materialising |x|
+        first = self.hist is None
+        if first and self.collect_histogram and self.sync_group is not None:
+            _all_reduce_max(bmax, self.sync_group)
+        self.amax = bmax if self.amax is None else torch.maximum(self.amax, bmax)
         if not self.collect_histogram:
             return
-        top = float(xmax)
-        if self.hist is None:
-            if top <= 0.0:
-                top = 1e-8
-            self.width = top / self.num_bins
-            self.hist = torch.histc(x, bins=self.num_bins, min=0.0, max=top).double()
+        top = float(bmax)  # (a host sync on a GPU: the histogram length depends on it)
+        if not math.isfinite(top):
+            self.amax = torch.full_like(self.amax, math.nan)  # compute_amax reports non-finite data
             return
+        if first:
+            self.width = _f32(max(top, 1e-8) / self.num_bins)
+            self.hist = torch.zeros(self.num_bins, dtype=torch.float64, device=x.device)
         nbins = self.hist.numel()
-        if top > nbins * self.width:
-            nbins = int(math.ceil(top / self.width))
-            grown = torch.zeros(nbins, dtype=self.hist.dtype, device=self.hist.device)
-            grown[: self.hist.numel()] = self.hist
-            self.hist = grown
-        self.hist += torch.histc(x, bins=nbins, min=0.0, max=nbins * self.width).double()
+        last = int(_f32(top / self.width))  # bin of the largest value
+        if last >= nbins and not first:
+            grown = torch.zeros(last + 1, dtype=self.hist.dtype, device=self.hist.device)
+            grown[:nbins] = self.hist
+            self.hist, nbins = grown, last + 1
+        counts = _bin_counts(x, self.width, max(nbins, last + 1), source)
+        if counts.numel() > nbins:  # first batch: the max (and rounding up to it) goes to the last bin, as in histc
+            counts[nbins - 1] += counts[nbins:].sum()
+            counts = counts[:nbins]
+        self.hist += counts
 
     def edges(self) -> torch.Tensor:
         n = self.hist.numel()
@@ -103,37 +463,117 @@ def amax_percentile(hist: torch.Tensor, edges: torch.Tensor, percentile: float) 
     return float(edges[idx])
 
 
-def amax_mse(hist, edges, num_bits=8, unsigned=False, start_bin=128, chunk=256) -> float:
-    """Bin centre minimising sum(count * (fake_quant(centre) - centre)^2), searched over all candidates at once.
+def amax_mse(hist, edges, num_bits=8, unsigned=False, start_bin=128, chunk=128) -> float:
+    """Bin centre minimising ``mean(count * (fake_quant(centre) - centre)^2)``, as pytorch-quantization defines it.
 
-    Uses the same rounding as pytorch-quantization's ``fake_tensor_quant`` (round-half-even, bound 127 for
-    signed INT8, values here are non-negative).
+    The quantized centres are computed exactly as the reference's ``fake_tensor_quant`` does (float32,
+    ``round(c * (bound / amax))`` clamped to ``bound``, divided back). Speed comes from two observations:
+
+    * every bin far enough above a candidate amax is clipped to the same value ``bound / scale``, so its share of
+      the error is ``sum count * (q - c)^2`` over a suffix, from suffix sums of ``count``, ``count * c`` and
+      ``count * c^2`` (float64); only the bins below the clip point of the largest candidate of a chunk (and only
+      the non-empty ones) are quantized explicitly, which makes the search about n^2/2 instead of n^2 and far less
+      for sparse, grown histograms;
+    * the candidates within a relative 1e-6 of the best are then re-scored exactly as the reference does (float32
+      products, float32 mean), and the first minimum is taken, as ``np.argmin`` does.
     """
-    counts = hist.double()
-    centers = (edges[1:] + edges[:-1]) / 2
-    bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1.0
+    counts64 = hist.double()
+    e32 = edges.float()
+    centers = (e32[1:] + e32[:-1]) / 2  # float32, as the reference computes them
+    c64 = centers.double()
+    bound = float(2 ** (num_bits - 1 + int(unsigned)) - 1)
     n = centers.numel()
     if start_bin >= n:
         start_bin = 0
-    best_val, best_idx = None, None
+    dev = centers.device
+    zero = torch.zeros(1, dtype=torch.float64, device=dev)
+
+    def suffix(v):  # suffix[k] = sum(v[k:]), length n + 1
+        return torch.cat([torch.flip(torch.cumsum(torch.flip(v, [0]), 0), [0]), zero])
+
+    s0, s1, s2 = suffix(counts64), suffix(counts64 * c64), suffix(counts64 * c64 * c64)
+    nz = torch.nonzero(counts64).flatten()
+    bound_t = torch.tensor(bound, dtype=torch.float32, device=dev)
+    scores = []
     for s in range(start_bin, n, chunk):
-        cand = centers[s: s + chunk].float().double()
-        amax = cand[:, None]
-        scale = bound / amax
-        q = torch.clamp(torch.round(centers[None, :].float().double() * scale), max=bound) / scale
-        mse = ((q - centers[None, :]) ** 2 * counts[None, :]).mean(dim=1)
-        v, i = torch.min(mse, dim=0)
-        if best_val is None or v < best_val:
-            best_val, best_idx = v, s + int(i)
-    return float(centers[best_idx])
+        amax = centers[s: s + chunk]
+        scale = bound_t / amax  # float32, [k]
+        clip_q = (bound_t / scale).double()  # the value every clipped bin is quantized to
+        # bins at or beyond m are clipped for every candidate of the chunk (c * scale >= bound + 0.5, all scales)
+        m = int(torch.searchsorted(centers * scale.min(), torch.tensor(bound + 0.5, device=dev)))
+        cols = nz[nz < m]
+        c = centers[cols]
+        q = torch.clamp((c[None, :] * scale[:, None]).round_(), max=bound) / scale[:, None]
+        head = ((q - c[None, :]).double() ** 2 * counts64[cols][None, :]).sum(1)
+        tail = clip_q * clip_q * s0[m] - 2.0 * clip_q * s1[m] + s2[m]
+        scores.append(head + tail.clamp_min(0.0))
+    score = torch.cat(scores)
+    best = float(score.min())
+    near = torch.nonzero(score <= best * (1 + 1e-6) + 1e-30).flatten() + start_bin
+    if near.numel() > 1:  # re-score the near-ties exactly as the reference does (float32) and keep the first minimum
+        amax = centers[near]
+        scale = bound_t / amax
+        q = torch.clamp((centers[None, :] * scale[:, None]).round_(), -bound, bound) / scale[:, None]
+        exact = ((q - centers[None, :]) ** 2 * hist.float()[None, :]).mean(1)
+        return float(centers[int(near[int(torch.argmin(exact))])])
+    return float(centers[int(near[0])])
+
+
+def _entropy_dense(bins: torch.Tensor, cands: torch.Tensor, nq: int) -> torch.Tensor:
+    """KL divergence of TensorRT's entropy calibration for each candidate threshold, bin by bin (exact, O(n) each)."""
+    n = bins.numel()
+    dev = bins.device
+    idx = torch.arange(n, device=dev)
+    suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(bins, [0]), 0), [0]),
+                        torch.zeros(1, dtype=bins.dtype, device=dev)])
+    out = []
+    chunk = max(1, (1 << 22) // max(n, 1))
+    for s in range(0, cands.numel(), chunk):
+        ci = cands[s: s + chunk]
+        c = ci.numel()
+        valid = idx[None, :] < ci[:, None]
+        gid = torch.div(idx[None, :] * nq, ci[:, None], rounding_mode="floor").clamp(max=nq - 1)
+        nonzero = valid & (bins[None, :] != 0)
+        gid_eff = torch.where(nonzero, gid, torch.full_like(gid, nq))  # nq = dump bucket
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        mass = torch.zeros(c, nq + 1, dtype=torch.float64, device=dev).scatter_add_(
+            1, gid_eff, torch.where(nonzero, bins[None, :].expand(c, n), zero))
+        cnt = torch.zeros(c, nq + 1, dtype=torch.float64, device=dev).scatter_add_(1, gid_eff, nonzero.double())
+        per_bin = torch.where(cnt > 0, mass / cnt.clamp(min=1), torch.zeros_like(mass))
+        q = torch.gather(per_bin, 1, gid_eff) * nonzero
+        p = torch.where(valid, bins[None, :].expand(c, n), zero)
+        p = p.scatter_add(1, (ci - 1).clamp(min=0)[:, None], suffix[ci][:, None])
+        p_sum = p.sum(1, keepdim=True)
+        q_sum = q.sum(1, keepdim=True)
+        p = p / torch.where(p_sum > 0, p_sum, torch.ones_like(p_sum))
+        q = q / torch.where(q_sum > 0, q_sum, torch.full_like(q_sum, math.nan))
+        # scipy.stats.entropy(p, q): sum p*log(p/q); inf where p>0 and q==0
+        mask = p > 0
+        ratio = torch.where(mask & (q > 0), p / torch.where(q > 0, q, torch.ones_like(q)), torch.ones_like(p))
+        kl = torch.where(mask, p * torch.log(ratio), torch.zeros_like(p)).sum(1)
+        kl = torch.where((mask & (q <= 0)).any(1), torch.full_like(kl, math.inf), kl)
+        kl = torch.where(q_sum.squeeze(1) > 0, kl, torch.full_like(kl, math.nan))
+        out.append(kl)
+    return torch.cat(out)
 
 
 def amax_entropy(hist, edges, num_bits=8, unsigned=False, start_bin=128) -> float:
-    """Bin edge minimising KL(reference || quantized) as TensorRT's entropy calibrator defines it.
+    """Bin edge minimising KL(reference || quantized) as TensorRT's entropy calibrator (and pytorch-quantization's
+    ``_compute_amax_entropy``) defines it.
 
-    Vectorised over all candidate thresholds ``i`` in [start_bin, len(hist)]: for each, the first ``i`` bins are
-    merged into ``2**(num_bits-1)`` groups, each group's mass is spread uniformly over its non-empty bins, and the
-    outliers beyond ``i`` are folded into the last reference bin.
+    For a threshold ``i`` the first ``i`` bins are merged into ``2**(num_bits-1)`` groups (bin ``j`` goes to group
+    ``floor(nq * j / i)``), each group's mass is spread uniformly over its non-empty bins, and the outliers beyond
+    ``i`` are folded into the last reference bin. With ``P`` the total count, ``Q`` the count below ``i`` and
+    ``L`` prefix sums of ``b log b``::
+
+        KL(i) = (sum_j p_j log p_j - sum_j p_j log q_j) / P + log(Q / P)
+        sum_j p_j log p_j = L[i-1] + (b[i-1] + T) log(b[i-1] + T)            T = count beyond i
+        sum_j p_j log q_j = sum_g mass_g log(mass_g / nonempty_g) + T log q[i-1]
+
+    and each group's mass and number of non-empty bins are differences of prefix sums at its two boundaries
+    ``ceil(g * i / nq)``: every candidate costs O(nq) instead of O(n) (the reference loops over bins in Python).
+    The candidates within a relative 1e-7 of the best are then re-scored bin by bin (the reference's formula) and
+    the last minimum is taken, as the reference does.
     """
     bins = hist.double().clone()
     if bins.numel() > 1:
@@ -141,45 +581,46 @@ def amax_entropy(hist, edges, num_bits=8, unsigned=False, start_bin=128) -> floa
     nq = 1 << (num_bits - 1 + int(unsigned))
     n = bins.numel()
     dev = bins.device
-    if start_bin > n:
-        start_bin = n
-    cands = torch.arange(start_bin, n + 1, device=dev)
-    best_i, best_kl = None, None
-    idx = torch.arange(n, device=dev, dtype=torch.float64)
-    suffix = torch.flip(torch.cumsum(torch.flip(bins, [0]), 0), [0])  # suffix[j] = sum(bins[j:])
-    suffix = torch.cat([suffix, torch.zeros(1, dtype=bins.dtype, device=dev)])
-    chunk = max(1, (1 << 22) // max(n, 1))
-    for s in range(0, cands.numel(), chunk):
-        ci = cands[s: s + chunk]  # candidate thresholds
-        c = ci.numel()
-        valid = idx[None, :] < ci[:, None]  # [c, n] bins inside the threshold
-        # group id of bin j for threshold i: np.digitize(j, linspace(0, i, nq + 1)) - 1
-        gid = torch.div(idx.long()[None, :] * nq, ci[:, None], rounding_mode="floor").clamp(max=nq - 1)
-        nonzero = valid & (bins[None, :] != 0)
-        gid_eff = torch.where(nonzero, gid, torch.full_like(gid, nq))  # nq = dump bucket
-        mass = torch.zeros(c, nq + 1, dtype=torch.float64, device=dev).scatter_add_(
-            1, gid_eff, torch.where(nonzero, bins[None, :].expand(c, n), torch.zeros((), dtype=torch.float64,
-                                                                                      device=dev)))
-        cnt = torch.zeros(c, nq + 1, dtype=torch.float64, device=dev).scatter_add_(1, gid_eff, nonzero.double())
-        per_bin = torch.where(cnt > 0, mass / cnt.clamp(min=1), torch.zeros_like(mass))
-        q = torch.gather(per_bin, 1, gid_eff) * nonzero  # quantized density over the first i bins
-        p = torch.where(valid, bins[None, :].expand(c, n), torch.zeros((), dtype=torch.float64, device=dev))
-        last = (ci - 1).clamp(min=0)
-        p = p.scatter_add(1, last[:, None], suffix[ci][:, None])
-        p_sum = p.sum(1, keepdim=True)
-        q_sum = q.sum(1, keepdim=True)
-        p = p / torch.where(p_sum > 0, p_sum, torch.ones_like(p_sum))
-        q = q / torch.where(q_sum > 0, q_sum, torch.ones_like(q_sum))
-        # scipy.stats.entropy(p, q): sum p*log(p/q); inf where p>0 and q==0
-        mask = p > 0
-        ratio = torch.where(mask & (q > 0), p / torch.where(q > 0, q, torch.ones_like(q)), torch.ones_like(p))
-        terms = torch.where(mask, p * torch.log(ratio), torch.zeros_like(p))
-        kl = terms.sum(1)
-        kl = torch.where((mask & (q <= 0)).any(1), torch.full_like(kl, float("inf")), kl)
-        # the reference picks the LAST argmin
-        m = kl.min()
-        if best_kl is None or m <= best_kl:
-            where = torch.nonzero(kl == m).flatten()
-            if where.numel():
-                best_kl, best_i = m, int(ci[where[-1]])
-    return float(edges[best_i])
+    start_bin = min(start_bin, n)
+    cands = torch.arange(max(start_bin, 1), n + 1, device=dev)
+    zero = torch.zeros(1, dtype=torch.float64, device=dev)
+    cb = torch.cat([zero, torch.cumsum(bins, 0)])  # cb[k] = sum(bins[:k])
+    cn = torch.cat([zero, torch.cumsum((bins != 0).double(), 0)])
+    blogb = torch.where(bins > 0, bins * torch.log(torch.where(bins > 0, bins, torch.ones_like(bins))),
+                        torch.zeros_like(bins))
+    cl = torch.cat([zero, torch.cumsum(blogb, 0)])
+    total = cb[n]
+    g = torch.arange(nq + 1, device=dev)
+    bnd = torch.div(g[None, :] * cands[:, None] + nq - 1, nq, rounding_mode="floor")  # ceil(g * i / nq)
+    mass = cb[bnd[:, 1:]] - cb[bnd[:, :-1]]
+    cnt = cn[bnd[:, 1:]] - cn[bnd[:, :-1]]
+    safe_cnt = cnt.clamp(min=1)
+    safe_mass = torch.where(mass > 0, mass, torch.ones_like(mass))
+    sum_log_q = torch.where(cnt > 0, mass * torch.log(safe_mass / safe_cnt), torch.zeros_like(mass)).sum(1)
+    last = cands - 1
+    b_last = bins[last]
+    tail = total - cb[cands]
+    g_last = torch.div(last * nq, cands, rounding_mode="floor").clamp(max=nq - 1)
+    q_last = (mass.gather(1, g_last[:, None]) / safe_cnt.gather(1, g_last[:, None])).squeeze(1)
+    has_tail = tail > 0
+    sum_log_q = sum_log_q + torch.where(has_tail & (b_last > 0), tail * torch.log(torch.where(
+        q_last > 0, q_last, torch.ones_like(q_last))), torch.zeros_like(tail))
+    p_last = b_last + tail
+    sum_log_p = cl[last] + torch.where(p_last > 0, p_last * torch.log(torch.where(
+        p_last > 0, p_last, torch.ones_like(p_last))), torch.zeros_like(p_last))
+    q_total = cb[cands]
+    kl = (sum_log_p - sum_log_q) / total + torch.log(q_total / total)
+    kl = torch.where(has_tail & (b_last == 0), torch.full_like(kl, math.inf), kl)
+    kl = torch.where(q_total > 0, kl, torch.full_like(kl, math.nan))
+    nan = torch.isnan(kl)
+    if bool(nan.any()):  # numpy's argmin stops at the first NaN of the reversed list: the last NaN candidate
+        return float(edges[int(cands[nan][-1])])
+    best = float(kl.min())
+    if not math.isfinite(best):
+        return float(edges[int(cands[-1])])
+    near = cands[kl <= best + 1e-7 * abs(best) + 1e-12]
+    if near.numel() > 1:
+        exact = _entropy_dense(bins, near, nq)
+        m = exact.min()
+        return float(edges[int(near[torch.nonzero(exact == m).flatten()[-1]])])
+    return float(edges[int(near[-1])])

@@ -74,10 +74,16 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
         histogram (bool): also collect histograms (needed for percentile/mse/entropy). Defaults to True.
         progress (bool): show a tqdm bar. Defaults to True.
 
+    Under torchrun (a torch.distributed group is up) every rank collects on its own shard and the statistics are
+    then reduced across ranks (max for amax, sum for histograms; see :mod:`trt_qat.distributed`): every rank ends
+    with the statistics of all the data.
+
     Returns:
-        int: the number of batches seen.
+        int: the number of batches seen (over all ranks).
     """
     from tqdm import tqdm
+
+    from .distributed import all_reduce_calibrators, is_distributed, sync_calibrators
 
     quantizers = _activation_quantizers(model)
     if not quantizers:
@@ -90,6 +96,9 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
         q._calibrator.collect_histogram = histogram
         q.disable_quant()
         q.enable_calib()
+    # under torchrun each rank sees its own shard: agree on the bins now, sum the statistics at the end
+    distributed = is_distributed()
+    sync_calibrators(model, enable=distributed)
     seen = 0
     try:
         total = num_batches
@@ -105,6 +114,14 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
             q.disable_calib()
             q.enable_quant()
         model.train(was_training)
+    if distributed:
+        from .distributed import all_reduce_mean, get_world_size
+
+        seen_all = round(all_reduce_mean(seen) * get_world_size())
+        if seen_all:
+            all_reduce_calibrators(model)
+        sync_calibrators(model, enable=False)
+        seen = seen_all
     if seen == 0:
         raise TrtQatError("the calibration set is empty; point --data/--calib-split at images (a few hundred is "
                           "typical)")

@@ -51,8 +51,13 @@ def _make_optimizer(model, cfg: QATConfig):
 
 def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: float | None = None,
              config: QATConfig | None = None, eval_fn=None, checkpoint_dir=None, resume: bool = True,
-             progress: bool = True, higher_is_better: bool = True, is_main_process: bool = True) -> dict:
+             progress: bool = True, higher_is_better: bool = True, is_main_process: bool | None = None) -> dict:
     """Fine-tune a calibrated model with fake quantization.
+
+    Under torchrun (a torch.distributed group is up, see :func:`trt_qat.distributed.init_distributed`) the model is
+    wrapped in ``DistributedDataParallel`` (gradients averaged over ranks, so every rank keeps the same weights),
+    ``data.sampler.set_epoch(epoch)`` is called when the sampler has it (a ``DistributedSampler``), ``eval_fn`` runs on
+    rank 0 and its score is broadcast, and only rank 0 writes checkpoints.
 
     Args:
         model (nn.Module): quantized and calibrated (every enabled quantizer has an amax).
@@ -64,7 +69,8 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         eval_fn (Callable): ``eval_fn(model) -> float`` score; the best epoch's weights are kept and restored.
         checkpoint_dir (str): where ``last.pt``/``best.pt`` go. Defaults to no checkpoints.
         resume (bool): continue from ``checkpoint_dir/last.pt`` when present. Defaults to True.
-        is_main_process (bool): only the main process writes checkpoints (DDP). Defaults to True.
+        is_main_process (bool | None): whether this process writes checkpoints and runs ``eval_fn``. Defaults to
+            rank 0 under torch.distributed, True otherwise.
 
     Returns:
         dict: ``{"history": [...], "best_score": float | None, "best_epoch": int | None}``.
@@ -75,6 +81,10 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         cfg = QATConfig(**{**cfg.__dict__, **overrides})
     check_amax(model, stage="QAT")
     from tqdm import tqdm
+
+    from . import distributed as dist_util
+
+    main = dist_util.is_main_process() if is_main_process is None else bool(is_main_process)
 
     device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
     model.to(device)
@@ -101,17 +111,26 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
             best_state = _read_checkpoint(ckdir / "best.pt")["state_dict"]
         LOG.info("resuming QAT from %s (epoch %d of %d)", ckdir / "last.pt", start_epoch + 1, cfg.epochs)
 
+    net = model  # what the loss runs: the DDP wrapper under torch.distributed (it averages the gradients)
+    if dist_util.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = getattr(data, "sampler", None)
+
     def better(score):
         if best_score is None:
             return True
         return score > best_score if higher_is_better else score < best_score
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        net.train()
         if cfg.freeze_bn:
             _freeze_bn(model)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         t0, running, n = time.time(), 0.0, 0
-        bar = tqdm(data, total=steps_per_epoch, desc=f"qat {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(data, total=steps_per_epoch, desc=f"qat {epoch + 1}/{cfg.epochs}", disable=not (progress and main),
                    leave=False)
         for i, batch in enumerate(bar):
             if i >= steps_per_epoch:
@@ -119,7 +138,7 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
             step = epoch * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, cfg.lr, cfg.min_lr_ratio)
-            loss = loss_fn(model, batch)
+            loss = loss_fn(net, batch)
             if not torch.isfinite(loss):
                 raise TrtQatError(f"QAT loss became {float(loss)} at epoch {epoch + 1} step {i}; lower --lr "
                                   f"(now {cfg.lr:g}) or check the calibration")
@@ -133,24 +152,25 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
             bar.set_postfix(loss=f"{running / n:.4f}")
         if not cfg.freeze_amax:
             _refresh_weight_amax(model)
-        record = {"epoch": epoch + 1, "loss": running / max(n, 1), "seconds": time.time() - t0,
-                  "lr_end": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, "loss": dist_util.all_reduce_mean(running / max(n, 1)),
+                  "seconds": time.time() - t0, "lr_end": optimizer.param_groups[0]["lr"]}
         if eval_fn is not None:
             model.eval()
-            score = float(eval_fn(model))
+            score = dist_util.broadcast_object(float(eval_fn(model)) if main else None)
             record["score"] = score
             if better(score):
                 best_score, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if ckdir and is_main_process:
+                if ckdir and main:
                     save_quantized(model, ckdir / "best.pt", extra={"epoch": epoch, "score": score})
         history.append(record)
         LOG.info("qat epoch %d/%d loss %.4f%s (%.0fs)", epoch + 1, cfg.epochs, record["loss"],
                  f" score {record['score']:.4f}" if "score" in record else "", record["seconds"])
-        if ckdir and is_main_process:
+        if ckdir and main:
             save_quantized(model, ckdir / "last.pt", extra={
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
                 "best_score": best_score, "best_epoch": best_epoch})
+    dist_util.barrier()  # rank 0's checkpoints are on disk before any rank goes on
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -187,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
+    from . import distributed as dist_util
     from .data.yolo import build_dataloader
     from .evaluate import evaluate
     from .fileio import ensure_dir
@@ -194,19 +215,37 @@ def main(argv=None):
     from .quantize import load_quantized
     from .runners.torch_runner import TorchRunner
 
-    out = ensure_dir(args.out)
-    model, _ = load_quantized(args.checkpoint)
-    if args.device:
-        model.to(args.device)
-    train = make_dataset(args, split=args.split, augment=False)
-    val = make_dataset(args, split="val")
-    loader = build_dataloader(train, batch_size=args.batch_size, shuffle=True)
-    cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, max_steps_per_epoch=args.max_steps,
-                    freeze_amax=not args.no_freeze_amax, device=args.device)
-    result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
-                      resume=not args.no_resume,
-                      eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
-    print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> {out / 'best.pt'}")
+    # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
+    # --batch-size is per process
+    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    rank, world, _ = dist_util.init_distributed()
+    joined = joined and world > 1
+    try:
+        device = dist_util.distributed_device(args.device)
+        out = ensure_dir(args.out) if rank == 0 else Path(args.out)
+        model, _ = load_quantized(args.checkpoint)
+        if device is not None:
+            model.to(device)
+        train = make_dataset(args, split=args.split, augment=False)
+        val = make_dataset(args, split="val") if rank == 0 else None
+        sampler = None
+        if world > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        loader = build_dataloader(train, batch_size=args.batch_size, shuffle=True, sampler=sampler)
+        cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                        max_steps_per_epoch=args.max_steps, freeze_amax=not args.no_freeze_amax,
+                        device=str(device) if device is not None else None)
+        result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
+                          resume=not args.no_resume,
+                          eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
+        if rank == 0:
+            print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> "
+                  f"{out / 'best.pt'}" + (f" ({world} processes)" if world > 1 else ""))
+    finally:
+        if joined:
+            dist_util.cleanup_distributed()
     return 0
 
 

@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from .amax import HistogramMaxCalibrator
+from .amax import FakeQuantCache, HistogramMaxCalibrator, fake_quant, remember_fake_quant, reuse_fake_quant
 from .config import QuantConfig
 from .errors import LOG, TrtQatError
 
@@ -80,20 +80,23 @@ class TrtQuantizer(_qnn().TensorQuantizer):
     def _quant_forward(self, inputs):
         if not self.native or self._learn_amax or not self._fake_quant:
             return super()._quant_forward(inputs)
+        # torch's native fake-quant semantics (ONNX Q/DQ, range [-128, 127]); fast CPU kernels, same numbers
+        cache = self.__dict__.get("_fq_cache")
+        if cache is None:
+            cache = self.__dict__["_fq_cache"] = FakeQuantCache()
+        reuse = not torch.is_grad_enabled() and not torch.jit.is_tracing()
+        if reuse:  # eval / calibration: the same weight gives the same fake-quantized weight, batch after batch
+            hit = reuse_fake_quant(cache, inputs, getattr(self, "_amax", None), self._scale_amax)
+            if hit is not None:
+                return hit
         amax = self._get_amax(inputs)
-        bound = self.bound
-        qmin = 0 if self._unsigned else -bound - 1
-        if amax.numel() == 1:
-            # 0-d scale and zero-point: ONNX/TensorRT read a scalar as per-tensor (a 1-element 1-D tensor is
-            # per-axis on axis 1 and is rejected by TensorRT)
-            scale = (amax.reshape(()) / bound).float()
-            zero = torch.zeros((), dtype=torch.int32, device=inputs.device)
-            return torch.fake_quantize_per_tensor_affine(inputs, scale, zero, qmin, bound)
-        flat = amax.reshape(-1)
-        axis = self._axis if isinstance(self._axis, int) else self._axis[0]
-        scale = (flat / bound).float()
-        zero = torch.zeros(flat.numel(), dtype=torch.int32, device=inputs.device)
-        return torch.fake_quantize_per_channel_affine(inputs, scale, zero, axis % inputs.dim(), qmin, bound)
+        axis = None
+        if amax.numel() != 1:
+            axis = self._axis if isinstance(self._axis, int) else self._axis[0]
+        out = fake_quant(inputs, amax, self._num_bits, self._unsigned, axis, cache=cache)
+        if reuse:
+            remember_fake_quant(cache, inputs, getattr(self, "_amax", None), self._scale_amax, out)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
