@@ -170,8 +170,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         sections.append((f"{heading} (leave-one-out on PTQ-{best_method}, {n_img} val images)", text))
         stages["sensitivity_s"] = time.time() - t0
 
-    # 3. QAT from the best PTQ
+    # 3. QAT from the best PTQ. Reseed: every DataLoader iterator draws from the global RNG, so without this the
+    # QAT data order (and result) would depend on how many evaluations ran before it.
     t0 = time.time()
+    torch.manual_seed(cfg.run.seed)
     train_loader = build_dataloader(train, batch_size=bs, shuffle=True, workers=cfg.data.workers)
     qat_result = finetune(qmodel, train_loader, detection_loss_fn(qmodel), config=cfg.qat,
                           eval_fn=lambda m: ev(m, "QAT (epoch) torch")["map50_95"],

@@ -168,7 +168,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
             (shared scales, quantized residual Adds). Without it the rules are not applied.
 
     Returns:
-        nn.Module: the same model; ``model.trt_qat_summary`` holds the per-layer table.
+        nn.Module: the same model. :func:`quantizer_summary` prints the table of what was quantized (and what was
+            left in float, and why); a one-line count is logged.
     """
     config = config or QuantConfig()
     if not isinstance(model, nn.Module):
