@@ -101,3 +101,18 @@ def test_nan_loss_is_one_clear_error():
     model, data = _setup()
     with pytest.raises(TrtQatError, match="lower --lr"):
         trt_qat.finetune(model, data, lambda m, b: torch.tensor(float("nan")), epochs=1, progress=False)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path, caplog):
+    model, data = _setup()
+    trt_qat.finetune(model, data, loss_fn, epochs=1, lr=1e-2, checkpoint_dir=tmp_path, progress=False,
+                     fingerprint="run-a")
+    other, data = _setup()
+    res = trt_qat.finetune(other, data, loss_fn, epochs=2, lr=1e-3, checkpoint_dir=tmp_path, progress=False,
+                           fingerprint="run-b")
+    assert [h["epoch"] for h in res["history"]] == [1, 2]  # started afresh
+    assert "different run" in caplog.text
+    same, data = _setup()
+    res = trt_qat.finetune(same, data, loss_fn, epochs=2, lr=1e-3, checkpoint_dir=tmp_path, progress=False,
+                           fingerprint="run-b")
+    assert len(res["history"]) == 2 and torch.equal(same[0].weight, other[0].weight)  # resumed: nothing left to do

@@ -175,9 +175,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     torch.manual_seed(cfg.run.seed)
     train_loader = build_dataloader(train, batch_size=bs, shuffle=True, workers=cfg.data.workers)
+    import hashlib
+
+    fingerprint = hashlib.sha256(json.dumps([cfg.to_dict(), best_method], sort_keys=True, default=str).encode()
+                                 + Path(cfg.model.checkpoint).read_bytes()).hexdigest()
     qat_result = finetune(qmodel, train_loader, detection_loss_fn(qmodel), config=cfg.qat,
                           eval_fn=lambda m: ev(m, "QAT (epoch) torch")["map50_95"],
-                          checkpoint_dir=work / "qat")
+                          checkpoint_dir=work / "qat", fingerprint=fingerprint)
     r = ev(qmodel, "QAT torch")
     rows.append({"variant": "QAT", "backend": "torch", "precision": "int8 (fake-quant)", "batch": bs, **_m(r),
                  "size_mb": _state_size_mb(qmodel), "notes": f"from PTQ-{best_method}"})

@@ -51,7 +51,8 @@ def _make_optimizer(model, cfg: QATConfig):
 
 def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: float | None = None,
              config: QATConfig | None = None, eval_fn=None, checkpoint_dir=None, resume: bool = True,
-             progress: bool = True, higher_is_better: bool = True, is_main_process: bool | None = None) -> dict:
+             progress: bool = True, higher_is_better: bool = True, is_main_process: bool | None = None,
+             fingerprint: str | None = None) -> dict:
     """Fine-tune a calibrated model with fake quantization.
 
     Under torchrun (a torch.distributed group is up, see :func:`trt_qat.distributed.init_distributed`) the model is
@@ -69,6 +70,8 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         eval_fn (Callable): ``eval_fn(model) -> float`` score; the best epoch's weights are kept and restored.
         checkpoint_dir (str): where ``last.pt``/``best.pt`` go. Defaults to no checkpoints.
         resume (bool): continue from ``checkpoint_dir/last.pt`` when present. Defaults to True.
+        fingerprint (str): identifies the run (config, starting weights); a ``last.pt`` written under another
+            fingerprint is not resumed from (QAT starts afresh, with a warning). Defaults to None.
         is_main_process (bool | None): whether this process writes checkpoints and runs ``eval_fn``. Defaults to
             rank 0 under torch.distributed, True otherwise.
 
@@ -98,10 +101,16 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
     ckdir = Path(checkpoint_dir) if checkpoint_dir else None
     start_epoch, history, best_score, best_epoch, best_state = 0, [], None, None, None
 
+    state = None
     if ckdir and resume and (ckdir / "last.pt").is_file():
         from .quantize import _read_checkpoint
 
         state = _read_checkpoint(ckdir / "last.pt")
+        if state.get("fingerprint") != fingerprint:
+            LOG.warning("not resuming from %s: it was written by a different run (config or starting weights "
+                        "changed); starting QAT afresh", ckdir / "last.pt")
+            state = None
+    if state is not None:
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -169,7 +178,7 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         if ckdir and main:
             save_quantized(model, ckdir / "last.pt", extra={
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                "best_score": best_score, "best_epoch": best_epoch})
+                "best_score": best_score, "best_epoch": best_epoch, "fingerprint": fingerprint})
     dist_util.barrier()  # rank 0's checkpoints are on disk before any rank goes on
     if best_state is not None:
         model.load_state_dict(best_state)
