@@ -46,6 +46,7 @@ def test_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "calib" / "e2e" / "calib_images.txt").read_text().count("\n") == 8
     html = (out / "report.html").read_text()
     assert html.count("<img") == 3 and "Quantization sensitivity" in html
+    assert "TensorRT rows (FP32/FP16/INT8 engines)" in (out / "report.md").read_text()
     assert "sensitivity.png" in (out / "report.md").read_text()
     leftovers = [p for p in tmp_path.rglob("*.tmp")]
     assert not leftovers

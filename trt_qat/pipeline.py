@@ -235,9 +235,12 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     meta = {"config": cfg.to_dict(), "versions": _versions(), "stage_seconds": stages, "summary": summary,
             "artifacts": {k: str(v) for k, v in (("onnx_fp32", onnx_fp32), ("onnx_ptq", onnx_ptq),
                                                  ("onnx_qat", onnx_qat), ("amax", calib_dir / "amax.pt"))},
-            "not_measured": "TensorRT rows: no TensorRT on this machine; build engines with `trt-qat build` on a GPU "
-                            "or Jetson and merge their eval/bench JSON with `trt-qat report`."}
-    sections = [("Summary", json.dumps(summary, indent=2, default=str)),
+            "not_measured": "TensorRT rows (FP32/FP16/INT8 engines): `trt-qat run` builds no engines, so it runs on "
+                            "any CPU. Build them from the ONNX files above with `trt-qat build` on a GPU or Jetson, "
+                            "then `trt-qat eval --engine E --json` and `trt-qat bench --engine E --exportJson`, and "
+                            "merge everything with `trt-qat report`."}
+    sections = [("Not measured", meta["not_measured"]),
+                ("Summary", json.dumps(summary, indent=2, default=str)),
                 ("Q/DQ placement lint (QAT ONNX)", lint_text), *sections,
                 ("Quantizers", quantizer_summary(qmodel))]
     report = write_report(rows, out, meta=meta, title=f"trt_qat report: {cfg.run.name}", sections=sections,

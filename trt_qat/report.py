@@ -185,12 +185,30 @@ def _load_rows(path: Path):
     raise TrtQatError(f"'{path}' holds no report rows; pass eval/bench JSON files written by trt-qat")
 
 
+_BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "onnxruntime-cpu": "onnxruntime",
+             "trt": "tensorrt", "tensorrt": "tensorrt", "torch": "torch"}
+
+
+def _from_bench(result: dict) -> dict:
+    """A report row from a `trt-qat bench --exportJson` result (latency of batch ``batch``)."""
+    s = result.get("summary") or {}
+    return {"variant": Path(str(result.get("model", "?"))).stem, "backend": result.get("backend"),
+            "batch": result.get("batch"), "latency_ms_p50": s.get("latency_ms_median"),
+            "latency_ms_p99": s.get("latency_ms_p99"), "qps": s.get("qps")}
+
+
 def merge_rows(rows):
-    """Merge rows describing the same (variant, backend, precision, batch): eval and bench results of one model."""
+    """Merge rows of the same model on the same backend family: e.g. `trt-qat eval --json` (mAP) and
+    `trt-qat bench --exportJson` (latency) results of one ONNX file or engine become one row."""
     merged = {}
     for r in rows:
-        key = (r.get("variant"), r.get("backend"), r.get("precision"), r.get("batch"))
-        merged.setdefault(key, {}).update({k: v for k, v in r.items() if v is not None})
+        if "Throughput (qps)" in r:
+            r = _from_bench(r)
+        key = (r.get("variant"), _BACKENDS.get(r.get("backend"), r.get("backend")))
+        row = merged.setdefault(key, {})
+        for k, v in r.items():
+            if v is not None and not (k == "precision" and "precision" in row):
+                row[k] = v
     return list(merged.values())
 
 
