@@ -76,3 +76,21 @@ def test_calibration_runs_on_the_models_device_and_restores_mode():
     trt_qat.calibrate(m, [torch.randn(1, 1, 4, 4)], method="mse", progress=False, device="cpu")
     assert m.training
     assert m[0]._input_quantizer._if_quant and not m[0]._input_quantizer._if_calib
+
+
+def test_dead_weight_channel_does_not_poison_calibration():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        m[0].weight[0] = 0  # a pruned / dead filter
+    trt_qat.quantize(m, QuantConfig(rules=False))
+    trt_qat.calibrate(m, [torch.randn(2, 3, 8, 8) for _ in range(2)], method="percentile", progress=False)
+    for _, q in trt_qat.iter_quantizers(m):
+        assert torch.isfinite(q.amax).all() and (q.amax > 0).all()
+    assert torch.isfinite(m(torch.randn(1, 3, 8, 8))).all()
+
+
+def test_nan_activations_are_one_clear_error():
+    m = _one_conv()
+    with pytest.raises(TrtQatError, match="non-finite amax"):
+        trt_qat.calibrate(m, [torch.full((1, 1, 2, 2), float("nan"))], method="entropy", progress=False)

@@ -438,8 +438,8 @@ class HistogramMaxCalibrator:
         """Return amax (0-d float32 tensor on the CPU) for ``method``, or None when nothing was collected."""
         if self.amax is None:
             return None
-        if method == "max":
-            return self.amax.detach().float().cpu()
+        if method == "max" or not bool(torch.isfinite(self.amax).all()):
+            return self.amax.detach().float().cpu()  # non-finite data: the caller reports it
         if self.hist is None:
             raise ValueError(f"method '{method}' needs a histogram; collect with collect_histogram=True")
         hist, edges = self.hist, self.edges()

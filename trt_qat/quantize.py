@@ -90,6 +90,10 @@ class TrtQuantizer(_qnn().TensorQuantizer):
             if hit is not None:
                 return hit
         amax = self._get_amax(inputs)
+        if not torch.jit.is_tracing():
+            # an all-zero channel (dead or pruned filter) has a dynamic amax of 0: any positive amax maps its zeros
+            # to zeros, where 0 would give 0/0 = NaN (export refuses a zero amax in check_amax instead)
+            amax = amax.clamp_min(1e-12)
         axis = None
         if amax.numel() != 1:
             axis = self._axis if isinstance(self._axis, int) else self._axis[0]
