@@ -116,3 +116,12 @@ def test_checkpoint_of_another_run_is_not_resumed(tmp_path, caplog):
     res = trt_qat.finetune(same, data, loss_fn, epochs=2, lr=1e-3, checkpoint_dir=tmp_path, progress=False,
                            fingerprint="run-b")
     assert len(res["history"]) == 2 and torch.equal(same[0].weight, other[0].weight)  # resumed: nothing left to do
+
+
+def test_unfrozen_scales_follow_the_weights():
+    model, data = _setup()
+    act_amax = float(model[0]._input_quantizer.amax)
+    trt_qat.finetune(model, data, loss_fn, config=QATConfig(epochs=1, lr=1e-2, freeze_amax=False), progress=False)
+    expected = model[0].weight.detach().abs().amax(dim=(1, 2, 3))
+    torch.testing.assert_close(model[0]._weight_quantizer.amax.flatten(), expected)
+    assert float(model[0]._input_quantizer.amax) == act_amax  # activation scales stay calibrated

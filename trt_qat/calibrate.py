@@ -129,6 +129,21 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
 
 
 @torch.no_grad()
+def set_weight_amax(model: nn.Module) -> None:
+    """Set every enabled weight quantizer's amax to the absolute max of its weights (per channel when it has an
+    axis). Weights need no statistics pass; QAT with unfrozen scales calls this again after each epoch."""
+    for q, weight in _weight_quantizers(model):
+        w = weight.detach()
+        if q.axis is None:
+            amax = w.abs().max()
+        else:
+            axis = q.axis if isinstance(q.axis, int) else q.axis[0]
+            dims = [d for d in range(w.dim()) if d != axis % w.dim()]
+            amax = w.abs().amax(dim=dims, keepdim=True)
+        q.set_amax(amax.clamp_min(MIN_AMAX))
+
+
+@torch.no_grad()
 def compute_amax(model: nn.Module, method: str = "percentile", percentile: float = 99.99) -> dict:
     """Set every quantizer's amax from the collected statistics; returns ``{name: amax}``.
 
@@ -140,15 +155,7 @@ def compute_amax(model: nn.Module, method: str = "percentile", percentile: float
     if method not in CALIB_METHODS:
         raise TrtQatError(f"unknown calibration method '{method}'; choose one of {', '.join(CALIB_METHODS)}")
     result = {}
-    for q, weight in _weight_quantizers(model):
-        w = weight.detach()
-        if q.axis is None:
-            amax = w.abs().max()
-        else:
-            axis = q.axis if isinstance(q.axis, int) else q.axis[0]
-            dims = [d for d in range(w.dim()) if d != axis % w.dim()]
-            amax = w.abs().amax(dim=dims, keepdim=True)
-        q.set_amax(amax.clamp_min(MIN_AMAX))
+    set_weight_amax(model)
     for name, q in _activation_quantizers(model):
         cal = q._calibrator
         if cal.empty:

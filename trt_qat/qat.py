@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calibrate import set_weight_amax
 from .config import QATConfig
 from .errors import LOG, TrtQatError, cli_main
 from .quantize import check_amax, save_quantized
@@ -160,7 +161,7 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
             n += 1
             bar.set_postfix(loss=f"{running / n:.4f}")
         if not cfg.freeze_amax:
-            _refresh_weight_amax(model)
+            set_weight_amax(model)
         record = {"epoch": epoch + 1, "loss": dist_util.all_reduce_mean(running / max(n, 1)),
                   "seconds": time.time() - t0, "lr_end": optimizer.param_groups[0]["lr"]}
         if eval_fn is not None:
@@ -184,18 +185,6 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         model.load_state_dict(best_state)
     model.eval()
     return {"history": history, "best_score": best_score, "best_epoch": best_epoch}
-
-
-def _refresh_weight_amax(model):
-    """Re-derive per-channel weight amax from the current weights (used when scales are not frozen)."""
-    from .calibrate import _weight_quantizers
-
-    with torch.no_grad():
-        for q, w in _weight_quantizers(model):
-            axis = q.axis if isinstance(q.axis, int) else (q.axis or [0])[0]
-            dims = [d for d in range(w.dim()) if d != axis % w.dim()] if q.axis is not None else None
-            amax = w.abs().amax(dim=dims, keepdim=True) if dims else w.abs().max()
-            q.set_amax(amax.clamp_min(1e-6))
 
 
 @cli_main
