@@ -103,8 +103,6 @@ def _check_onnx(path, sample_input, output_names):
 
 @cli_main
 def main(argv=None):
-    from .cli import load_fp32_model
-
     parser = argparse.ArgumentParser(prog="trt-qat export", description="Export an FP32 or quantized (calibrated/QAT) "
                                      "checkpoint to ONNX; quantized models get Q/DQ pairs.")
     parser.add_argument("--checkpoint", required=True, help="FP32 (trt-qat train) or quantized (calibrate/qat) .pt")
@@ -116,14 +114,9 @@ def main(argv=None):
     if args.opset < MIN_OPSET:
         raise TrtQatError(f"opset {args.opset} is too old: per-channel QuantizeLinear needs opset {MIN_OPSET}; "
                           f"use --opset {MIN_OPSET} or newer (17 recommended)")
-    from .quantize import QUANT_FORMAT, _read_checkpoint, load_quantized
+    from .quantize import load_model
 
-    ckpt = _read_checkpoint(args.checkpoint)
-    if ckpt.get("format") == QUANT_FORMAT:
-        model, _ = load_quantized(args.checkpoint)
-    else:
-        args.model = None
-        model = load_fp32_model(args)
+    model, _, _ = load_model(args.checkpoint)
     export_onnx(model, torch.zeros(1, 3, args.imgsz, args.imgsz), args.output, opset=args.opset,
                 dynamic_batch=not args.static_batch)
     print(f"exported {args.output}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "ensure_dir",
-           "require_file"]
+           "require_file", "read_checkpoint"]
 
 
 def ensure_dir(path) -> Path:
@@ -64,3 +64,18 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_checkpoint(path, hint: str = "check the path or run the previous stage first"):
+    """``torch.load`` a checkpoint on the CPU; a missing or unreadable file is one TrtQatError (``hint`` is the fix
+    for a missing file)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrtQatError(f"checkpoint '{path}' does not exist; {hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt or not a torch file
+        raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not a "
+                          "PyTorch checkpoint: re-run the stage that wrote it") from None

@@ -24,7 +24,7 @@ from .config import QuantConfig
 from .errors import LOG, TrtQatError
 
 __all__ = ["TrtQuantizer", "quantize", "quantizer_summary", "iter_quantizers", "save_quantized", "load_quantized",
-           "check_amax", "QUANT_FORMAT"]
+           "load_model", "check_amax", "QUANT_FORMAT"]
 
 QUANT_FORMAT = "trt_qat.quantized/1"
 
@@ -292,16 +292,9 @@ def save_quantized(model: nn.Module, path, extra: dict | None = None):
 
 
 def _read_checkpoint(path) -> dict:
-    from pathlib import Path
+    from .fileio import read_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise TrtQatError(f"checkpoint '{path}' does not exist; check the path or run the previous stage first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt or not a torch file
-        raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not a "
-                          "PyTorch checkpoint: re-run the stage that wrote it") from None
+    return read_checkpoint(path)
 
 
 def load_quantized(path, model: nn.Module | None = None):
@@ -312,7 +305,10 @@ def load_quantized(path, model: nn.Module | None = None):
         model (nn.Module): the FP32 architecture to instrument. Defaults to rebuilding the built-in model from the
             checkpoint's ``model_cfg``.
     """
-    ckpt = _read_checkpoint(path)
+    return _quantized_from_checkpoint(_read_checkpoint(path), path, model)
+
+
+def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None):
     if ckpt.get("format") != QUANT_FORMAT:
         raise TrtQatError(f"'{path}' is not a trt_qat quantized checkpoint; produce one with `trt-qat calibrate`")
     if model is None:
@@ -335,3 +331,19 @@ def load_quantized(path, model: nn.Module | None = None):
         raise TrtQatError(f"checkpoint '{path}' does not match the model (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}); load it with the same architecture it was saved from")
     return model, ckpt
+
+
+def load_model(path):
+    """Load a quantized (``calibrate``/``qat``) or FP32 (``trt-qat train``) built-in model checkpoint, reading the
+    file once.
+
+    Returns:
+        tuple[nn.Module, dict, bool]: the model, the checkpoint dict, and whether the model is quantized.
+    """
+    ckpt = _read_checkpoint(path)
+    if ckpt.get("format") == QUANT_FORMAT:
+        model, _ = _quantized_from_checkpoint(ckpt, path)
+        return model, ckpt, True
+    from .models.yolo import model_from_checkpoint
+
+    return model_from_checkpoint(ckpt, path), ckpt, False

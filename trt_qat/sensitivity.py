@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import LOG, TrtQatError, cli_main
+from .quantize import _enabled
 
 __all__ = ["MODES", "list_layers", "layers_in_float", "set_layers_float", "baseline_scores", "layer_sensitivity",
            "sqnr", "sqnr_metric", "map_metric", "auto_skip", "skip_patterns", "format_table", "plot_sensitivity",
@@ -46,10 +47,6 @@ def _is_quantizer(module) -> bool:
     from pytorch_quantization.nn import TensorQuantizer
 
     return isinstance(module, TensorQuantizer)
-
-
-def _enabled(q) -> bool:
-    return not q._disabled and q._if_quant
 
 
 def _owned_quantizers(module: nn.Module) -> dict:

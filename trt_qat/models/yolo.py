@@ -284,14 +284,14 @@ def load_checkpoint(path, map_location="cpu"):
     Returns:
         tuple[YoloDetector, dict]: the rebuilt model (eval mode) and the whole checkpoint dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TrtQatError(f"checkpoint '{path}' does not exist; train one with `trt-qat train` or check the path")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise TrtQatError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}); "
-                          "it is corrupt or not a torch file, re-create it") from None
+    from ..fileio import read_checkpoint
+
+    ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+    return model_from_checkpoint(ckpt, path), ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path="<checkpoint>") -> YoloDetector:
+    """Rebuild the model (eval mode) from a checkpoint dict written by :func:`save_checkpoint`."""
     if not isinstance(ckpt, dict) or "model_cfg" not in ckpt or "state_dict" not in ckpt:
         raise TrtQatError(f"checkpoint '{path}' has no 'model_cfg'/'state_dict'; "
                           "it was not written by trt_qat.models.yolo.save_checkpoint")
@@ -301,5 +301,5 @@ def load_checkpoint(path, map_location="cpu"):
     except (KeyError, RuntimeError, TypeError) as exc:
         raise TrtQatError(f"checkpoint '{path}' does not match its model config ({str(exc).splitlines()[0]}); "
                           "re-create it") from None
-    return model.eval(), ckpt
+    return model.eval()
 

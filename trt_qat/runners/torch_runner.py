@@ -78,13 +78,7 @@ def torch_runner_from_checkpoint(path, name: str | None = None):
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
     """
-    from ..quantize import QUANT_FORMAT, _read_checkpoint, load_quantized
+    from ..quantize import load_model
 
-    ckpt = _read_checkpoint(path)
-    if ckpt.get("format") == QUANT_FORMAT:
-        model, _ = load_quantized(path)
-        return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)"
-    from ..models.yolo import load_checkpoint
-
-    model, _ = load_checkpoint(path)
-    return TorchRunner(model, name=name or "torch"), "fp32"
+    model, _, quantized = load_model(path)
+    return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)" if quantized else "fp32"
