@@ -127,7 +127,7 @@ def test_ddp_qat_keeps_ranks_identical_and_only_rank0_writes(two_ranks):
     assert not (two_ranks / "ck1").exists()
 
 
-def test_torchrun_trt_qat_qat_cli(tmp_path, tiny_digits_yaml):
+def test_torchrun_trt_qat_calibrate_and_qat_cli(tmp_path, tiny_digits_yaml):
     from trt_qat.models.yolo import build_model, save_checkpoint
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,8 +135,17 @@ def test_torchrun_trt_qat_qat_cli(tmp_path, tiny_digits_yaml):
     fp32 = save_checkpoint(build_model("yolo-n"), tmp_path / "fp32.pt")
     from trt_qat.calibrate import main as calibrate_main
 
-    assert calibrate_main(["--checkpoint", str(fp32), "--data", str(tiny_digits_yaml), "--batch-size", "4",
-                           "--method", "max", "--out", str(tmp_path / "calib")]) == 0
+    common = ["--checkpoint", str(fp32), "--data", str(tiny_digits_yaml), "--method", "percentile"]
+    assert calibrate_main(common + ["--batch-size", "4", "--out", str(tmp_path / "calib1")]) == 0
+    # two ranks with half the batch: their k-th batches together are the single process's k-th batch
+    proc = _torchrun(["-m", "trt_qat", "calibrate"] + common + ["--batch-size", "2", "--out",
+                                                                 str(tmp_path / "calib")], cwd=repo)
+    assert proc.stdout.count("calibrated") == 1 and "(2 processes)" in proc.stdout
+    one = torch.load(tmp_path / "calib1" / "amax.pt", weights_only=False)["amax"]
+    two = torch.load(tmp_path / "calib" / "amax.pt", weights_only=False)["amax"]
+    assert one.keys() == two.keys() and len(one) > 100
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
     proc = _torchrun(["-m", "trt_qat", "qat", "--checkpoint", str(tmp_path / "calib" / "quantized.pt"),
                       "--data", str(tiny_digits_yaml), "--epochs", "1", "--max-steps", "1", "--batch-size", "2",
                       "--out", str(tmp_path / "qat")], cwd=repo)

@@ -240,19 +240,39 @@ def main(argv=None):
     from .fileio import ensure_dir
     from .quantize import quantize, save_quantized
 
-    out = ensure_dir(args.out)
-    model = load_fp32_model(args)
-    dataset = make_dataset(args, split=args.split)
-    loader = build_dataloader(dataset, batch_size=args.batch_size)
-    qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)
-    sample = torch.zeros(1, 3, args.imgsz, args.imgsz)
-    quantize(model, qcfg, sample_input=sample)
-    calibrate(model, loader, method=args.method, percentile=args.percentile, num_batches=args.num_batches,
-              device=args.device)
-    save_quantized(model, out / "quantized.pt", extra={"calib_method": args.method})
-    save_amax(model, out / "amax.pt")
-    n = sum(1 for _ in iter_quantizers(model))
-    print(f"calibrated {n} quantizers with {args.method} -> {out / 'quantized.pt'}")
+    from . import distributed as dist_util
+
+    # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
+    # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
+    # images; --batch-size and --num-batches are per process, and only rank 0 writes
+    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    rank, world, _ = dist_util.init_distributed()
+    joined = joined and world > 1
+    try:
+        device = args.device or dist_util.distributed_device(None)
+        out = ensure_dir(args.out) if rank == 0 else Path(args.out)
+        model = load_fp32_model(args)
+        dataset = make_dataset(args, split=args.split)
+        if world > 1:
+            dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+        loader = build_dataloader(dataset, batch_size=args.batch_size)
+        qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)
+        sample = torch.zeros(1, 3, args.imgsz, args.imgsz)
+        quantize(model, qcfg, sample_input=sample)
+        if device is not None:
+            model.to(device)
+        calibrate(model, loader, method=args.method, percentile=args.percentile, num_batches=args.num_batches,
+                  device=device, progress=rank == 0)
+        if rank == 0:
+            model.cpu()
+            save_quantized(model, out / "quantized.pt", extra={"calib_method": args.method})
+            save_amax(model, out / "amax.pt")
+            n = sum(1 for _ in iter_quantizers(model))
+            print(f"calibrated {n} quantizers with {args.method} -> {out / 'quantized.pt'}"
+                  + (f" ({world} processes)" if world > 1 else ""))
+    finally:
+        if joined:
+            dist_util.cleanup_distributed()
     return 0
 
 
