@@ -235,12 +235,11 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
+    from . import distributed as dist_util
     from .config import QuantConfig
     from .data.yolo import build_dataloader
     from .fileio import ensure_dir
     from .quantize import quantize, save_quantized
-
-    from . import distributed as dist_util
 
     # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
     # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
