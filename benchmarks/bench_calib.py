@@ -14,6 +14,9 @@
    of them (marked ``est.``); ``--ref-all`` times them all. The reference mse calls ``.cuda()``: on a machine
    without CUDA its exact loop is re-run on the CPU instead (same code with the ``.cuda()`` calls dropped; marked
    ``cpu re-impl``). The largest relative amax difference to the reference is printed too.
+3. **Counting floor**: ``torch.bincount`` alone over the very bin indices the histogram pass counts. It is a
+   single-threaded loop in PyTorch's CPU backend, so the max-only pass plus this time bounds, from below, any
+   exact histogram pass that counts with ``bincount`` on this machine (``--no-floor`` skips it).
 
 Usage::
 
@@ -131,6 +134,58 @@ def time_passes(args) -> list:
              "min_ratio_to_forward": min(times[n]) / min(times["forward"])} for n in names], qmodel
 
 
+def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
+    """The serial part of histogram collection, timed alone: ``torch.bincount`` of the very bin indices that the
+    histogram pass counts (every distinct activation-quantizer input of every batch, with the final bin widths).
+
+    ``bincount`` is a single-threaded loop in PyTorch's CPU backend: the max-only pass plus this time bounds, from
+    below, a histogram pass that counts every element exactly with ``bincount``.
+    """
+    from trt_qat.calibrate import _activation_quantizers
+
+    quantizers = [q for _, q in _activation_quantizers(qmodel)]
+    seen = []
+    recorded = []
+
+    def recorder(cal, collect):
+        def wrapped(x):
+            collect(x)
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in seen[-1]:  # a tensor two quantizers read is counted once, as in the pass itself
+                seen[-1][key] = x  # (kept alive for the batch, so that its address is not reused)
+                recorded.append((cal, x.detach().clone()))
+        return wrapped
+
+    originals = [q._calibrator.collect for q in quantizers]
+    for q in quantizers:
+        q._calibrator.collect = recorder(q._calibrator, q._calibrator.collect)
+    try:
+        from trt_qat.calibrate import collect_stats
+
+        def batch_iter():
+            for b in batches:
+                seen.append({})
+                yield b
+
+        collect_stats(qmodel, batch_iter(), histogram=True, progress=False)
+    finally:
+        for q, c in zip(quantizers, originals):
+            q._calibrator.collect = c
+    idx = []
+    for cal, x in recorded:
+        i = torch.div(x, cal.width).to(torch.int16).abs_().reshape(-1)
+        idx.append((i, cal.hist.numel()))
+    recorded.clear()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i, n in idx:
+            torch.bincount(i, minlength=n)
+        times.append(time.perf_counter() - t0)
+    ms = min(times) * 1e3
+    return {"elements": sum(i.numel() for i, _ in idx), "bincount_ms": ms, "ratio_to_forward": ms / forward_ms}
+
+
 def time_compute_amax(qmodel, args) -> list:
     """Time compute_amax over all activation quantizers per method, ours vs the reference."""
     from trt_qat.calibrate import _activation_quantizers
@@ -159,7 +214,7 @@ def time_compute_amax(qmodel, args) -> list:
     return rows
 
 
-def table(pass_rows, amax_rows, args) -> str:
+def table(pass_rows, amax_rows, args, floor=None) -> str:
     size = f"{args.batch}x3x{args.imgsz}x{args.imgsz}"
     lines = [f"Calibration statistics pass, yolo-n, {args.batches} batches of {size}, cpu, {args.threads} threads, "
              f"median of {args.rounds} rounds",
@@ -167,6 +222,12 @@ def table(pass_rows, amax_rows, args) -> str:
     for r in pass_rows:
         lines.append(f"{r['variant']:<12} {r['median_ms']:>10.1f} {r['ratio_to_forward']:>10.2f} {r['min_ms']:>9.1f} "
                      f"{r['min_ratio_to_forward']:>10.2f}")
+    if floor:
+        calib_max = next(r["ratio_to_forward"] for r in pass_rows if r["variant"] == "calib-max")
+        lines += ["", f"counting floor: bincount alone over the same {floor['elements'] / 1e6:.1f}M bin indices "
+                  f"(single-threaded in PyTorch) takes {floor['bincount_ms']:.1f} ms = "
+                  f"{floor['ratio_to_forward']:.2f} x forward; max-only pass + bincount alone = "
+                  f"{calib_max + floor['ratio_to_forward']:.2f} x forward"]
     if amax_rows:
         n = amax_rows[0]["quantizers"]
         lines += ["", f"compute_amax for all {n} activation quantizers (seconds)",
@@ -189,6 +250,8 @@ def main(argv=None):
                         help="quantizers on which the reference mse/entropy are timed (scaled to all). Default 3")
     parser.add_argument("--ref-all", action="store_true", help="time the reference on every quantizer (minutes)")
     parser.add_argument("--no-amax", dest="amax", action="store_false", help="skip the compute_amax timings")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip timing bincount alone (the serial floor of exact histogram counting)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,12 +260,19 @@ def main(argv=None):
     _quiet_absl()
     pass_rows, qmodel = time_passes(args)
     amax_rows = time_compute_amax(qmodel, args) if args.amax else []
+    floor = None
+    if args.floor:
+        from bench_qat_step import synthetic_batch
+
+        batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0] for i in range(args.batches)]
+        forward_ms = next(r["median_ms"] for r in pass_rows if r["variant"] == "forward")
+        floor = time_count_floor(_quantized_model(args.imgsz), batches, forward_ms)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": {"torch": torch.__version__, "threads": args.threads, "batches": args.batches,
                                 "batch": args.batch, "imgsz": args.imgsz, "rounds": args.rounds},
-                       "passes": pass_rows, "compute_amax": amax_rows}, f, indent=2)
-    print(table(pass_rows, amax_rows, args))
+                       "passes": pass_rows, "compute_amax": amax_rows, "count_floor": floor}, f, indent=2)
+    print(table(pass_rows, amax_rows, args, floor))
     return 0
 
 

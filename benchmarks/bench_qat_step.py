@@ -8,7 +8,9 @@ Variants, all on ``yolo-n`` with the YOLO loss, SGD, synthetic images and target
   fake-quant (``TrtQuantizer.native = False``: ``fake_tensor_quant``, narrow range, Python autograd Function);
 * ``torch-fq``: trt_qat's quantizers computing with torch's own fake-quant ops
   (``trt_qat.amax.FAST_CPU_FAKE_QUANT = False``: ``fake_quantize_per_tensor/channel_affine``; same numbers);
-* ``trt_qat``: trt_qat's path (ONNX/TensorRT semantics; on the CPU the same numbers from faster kernels).
+* ``trt_qat``: trt_qat's path (ONNX/TensorRT semantics; on the CPU the same numbers from faster kernels);
+* with ``--breakdown`` also ``trt_qat-weights`` (only the weight quantizers on) and ``trt_qat-acts`` (only the
+  activation quantizers on), which split trt_qat's overhead between weights and activations.
 
 Step times are medians of ``--steps`` steps after ``--warmup`` steps; the variants are interleaved step by step
 in one process (each round runs them in a rotated order), so that drift of the machine hits them alike. The
@@ -41,6 +43,8 @@ import time
 import torch
 
 VARIANTS = ("fp32", "pq-default", "torch-fq", "trt_qat")
+#: ``--breakdown``: trt_qat's path with only the weight quantizers on, and with only the activation quantizers on
+BREAKDOWN = ("trt_qat-weights", "trt_qat-acts")
 
 
 def synthetic_batch(batch: int = 16, imgsz: int = 128, nc: int = 10, objects: int = 4, seed: int = 0):
@@ -72,6 +76,8 @@ def build_variant(name: str, device: str, imgsz: int = 128, seed: int = 0, chann
         calibrate(model, calib, method="percentile", progress=False)
         for _, q in iter_quantizers(model):
             q.native = name != "pq-default"
+            if (name == "trt_qat-weights" and q.role != "weight") or (name == "trt_qat-acts" and q.role == "weight"):
+                q.disable()
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -213,7 +219,7 @@ def table(rows, args) -> str:
     head = (f"QAT training step, yolo-n, batch {args.batch}, {args.imgsz}x{args.imgsz}, device {args.device}"
             + (f", {args.threads} threads" if args.device == "cpu" else "")
             + (", channels_last" if args.channels_last else "") + f", median of {args.steps} steps")
-    lines = [head, f"{'variant':<12} {'median ms':>10} {'x FP32':>7} {'min ms':>9} {'x FP32':>7} {'CPU ms':>9} "
+    lines = [head, f"{'variant':<16} {'median ms':>10} {'x FP32':>7} {'min ms':>9} {'x FP32':>7} {'CPU ms':>9} "
              f"{'x FP32':>7}"
              + (f" {'peak RSS MiB':>13} {'x FP32':>7} {'step mem MiB':>13} {'x FP32':>7}" if args.rss else "")]
 
@@ -221,7 +227,7 @@ def table(rows, args) -> str:
         return f"{v:.2f}" if v else "-"
 
     for r in rows:
-        line = (f"{r['variant']:<12} {r['median_ms']:>10.1f} {fmt(r['ratio_to_fp32']):>7} {r['min_ms']:>9.1f} "
+        line = (f"{r['variant']:<16} {r['median_ms']:>10.1f} {fmt(r['ratio_to_fp32']):>7} {r['min_ms']:>9.1f} "
                 f"{fmt(r['min_ratio_to_fp32']):>7} {r['cpu_median_ms']:>9.1f} {fmt(r['cpu_ratio_to_fp32']):>7}")
         if args.rss:
             smr = f"{r['step_mem_ratio']:.2f}" if r.get("step_mem_ratio") else "-"
@@ -239,13 +245,17 @@ def main(argv=None):
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant. Default 20")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + BREAKDOWN)
+    parser.add_argument("--breakdown", action="store_true",
+                        help=f"also time {' and '.join(BREAKDOWN)}: where trt_qat's overhead goes")
     parser.add_argument("--channels-last", action="store_true", help="run every variant in channels_last")
     parser.add_argument("--no-rss", dest="rss", action="store_false", help="skip the per-variant RSS subprocesses")
     parser.add_argument("--rss-steps", type=int, default=3, help="training steps in each RSS subprocess")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--only", default=None, choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--only", default=None, choices=VARIANTS + BREAKDOWN, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.breakdown:
+        args.variants += [v for v in BREAKDOWN if v not in args.variants]
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
