@@ -374,6 +374,23 @@ def test_bottleneck_chain_quantizes_functional_add_outputs_at_the_block():
     assert report.output_sites == ["stem.act[0]", "m.0[0]", "m.1[0]"]
 
 
+def test_quant_skip_matches_the_skip_input_quantizers_sensitivity_reports():
+    """sensitivity names a residual Add's skip-input quantizer '<producer>._trt_qat_output_quantizers'; the
+    pattern auto-skip writes for that name keeps that Add in float, and nothing else."""
+    from trt_qat.sensitivity import list_layers, skip_patterns
+
+    layer = "m.0._trt_qat_output_quantizers"
+    assert layer in list_layers(_quantized(BottleneckNet(n=3), (1, 3, 16, 16)))
+    torch.manual_seed(0)
+    model = BottleneckNet(n=3).eval()
+    trt_qat.quantize(model, QuantConfig(skip=skip_patterns([layer])), sample_input=torch.zeros(1, 3, 16, 16))
+    report = model.trt_qat_rules_report
+    assert report.output_sites == ["stem.act[0]", "m.1[0]"] and report.adds_quantized == 2
+    (where, reason), = report.adds_left_alone
+    assert "quant.skip" in reason and layer in reason
+    assert layer not in list_layers(model) and "m.0.cv1.conv" in list_layers(model)
+
+
 def test_functional_skip_left_alone_and_reported(caplog):
     model = _quantized(FunctionalSkip(), (1, 3, 16, 16))
     report = model.trt_qat_rules_report

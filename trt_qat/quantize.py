@@ -214,7 +214,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
     if config.rules and sample_input is not None:
         from .rules import apply_rules
 
-        apply_rules(model, sample_input)
+        apply_rules(model, sample_input, skip=config.skip)
     model.trt_qat_quant_config = dataclasses.asdict(config)
     model.trt_qat_skipped = skipped
     LOG.info("quantized %d layers, %d left in float by rule", len(rows), len(skipped))

@@ -27,6 +27,7 @@ state dict, so shared quantizers stay shared through calibration, QAT, save/load
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 
 import torch
@@ -576,13 +577,16 @@ def _count_act_quantizers(model, tq_cls) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def apply_rules(model: nn.Module, sample_input) -> RulesReport:
+def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
     """Apply TensorRT's Q/DQ placement rules to a model instrumented by :func:`trt_qat.quantize`, in place.
 
     Args:
         model (nn.Module): the quantized model (modified in place).
         sample_input (torch.Tensor | tuple): an example input; only its shape matters (values are not used for
             any decision), so zeros of the deployment shape are fine.
+        skip (Iterable[str]): ``QuantConfig.skip`` regexes. A residual Add's skip-input quantizer would live at
+            ``<producer module>._trt_qat_output_quantizers`` (the name sensitivity analysis reports it under); when a
+            pattern matches that name (or the producer module's), the Add is left alone. Defaults to none.
 
     Returns:
         RulesReport: what was shared and quantized. Also stored as ``model.trt_qat_rules_report``.
@@ -598,6 +602,7 @@ def apply_rules(model: nn.Module, sample_input) -> RulesReport:
     if not isinstance(sample_input, (torch.Tensor, tuple, list)):
         raise TrtQatError(f"apply_rules() needs a sample input tensor, got {type(sample_input).__name__}")
     tq_cls = _tensor_quantizer_cls()
+    skip_patterns = [re.compile(p) for p in skip]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(sample_input, torch.Tensor):
         sample = sample_input.to(device)
@@ -696,6 +701,15 @@ def apply_rules(model: nn.Module, sample_input) -> RulesReport:
             report.adds_quantized += 1  # the model quantizes the skip tensor itself (a TensorQuantizer in forward)
             continue
         site = _producer_site(rec, skip)
+        if site is not None and skip_patterns:
+            owner = plan.name(site[0])
+            hit = next((p.pattern for p in skip_patterns
+                        if p.search(f"{owner}.{OUTPUTS_ATTR}") or p.search(owner)), None)
+            if hit is not None:
+                reason = f"quant.skip '{hit}' matches its skip-input quantizer at {owner}.{OUTPUTS_ATTR}"
+                report.adds_left_alone.append((_where(plan, node), reason))
+                LOG.info("placement rules: residual add in %s left alone: %s", _where(plan, node), reason)
+                continue
         if site is None:
             what = "the model input" if prod is None else f"the functional op '{nodes[prod].name}'"
             reason = (f"its skip input is produced by {what}, not by a module, so no output quantizer can be "
