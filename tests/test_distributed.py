@@ -72,12 +72,12 @@ def loss_fn(model, batch):
     return torch.nn.functional.cross_entropy(model(x), y)
 
 
-def _torchrun(args, cwd, timeout=240):
+def _torchrun(args, cwd, timeout=240, ok=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(cwd), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
@@ -146,8 +146,25 @@ def test_torchrun_trt_qat_calibrate_and_qat_cli(tmp_path, tiny_digits_yaml):
     assert one.keys() == two.keys() and len(one) > 100
     for name in one:
         assert torch.equal(one[name], two[name]), name
+    # fewer images than processes: every rank stops with one line, none waits in a collective
+    proc = _torchrun(["-m", "trt_qat", "calibrate"] + common + ["--max-images", "1", "--out", str(tmp_path / "c0")],
+                     cwd=repo, ok=False)
+    assert proc.stderr.count("1 calibration images for 2 processes") == 2
+    assert 'trt_qat/calibrate.py", line' not in proc.stderr  # (torchrun's own agent prints a traceback)
     proc = _torchrun(["-m", "trt_qat", "qat", "--checkpoint", str(tmp_path / "calib" / "quantized.pt"),
                       "--data", str(tiny_digits_yaml), "--epochs", "1", "--max-steps", "1", "--batch-size", "2",
                       "--out", str(tmp_path / "qat")], cwd=repo)
     assert proc.stdout.count("QAT done") == 1 and "(2 processes)" in proc.stdout
     assert (tmp_path / "qat" / "last.pt").is_file()
+
+
+def test_backend_and_device_for_torchrun(monkeypatch):
+    from trt_qat import distributed as D
+    from trt_qat.errors import TrtQatError
+
+    assert D.backend_for("cpu") == "gloo" and D.backend_for(None) is None and D.backend_for("cuda") is None
+    assert D.distributed_device(None) is None and D.distributed_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(D, "is_distributed", lambda: True)
+    monkeypatch.setattr(D, "get_world_size", lambda: 2)
+    with pytest.raises(TrtQatError, match="every rank on one GPU"):
+        D.distributed_device("cuda:0")

@@ -389,6 +389,11 @@ def test_quant_skip_matches_the_skip_input_quantizers_sensitivity_reports():
     (where, reason), = report.adds_left_alone
     assert "quant.skip" in reason and layer in reason
     assert layer not in list_layers(model) and "m.0.cv1.conv" in list_layers(model)
+    # a pattern that does not name the output quantizers leaves the Adds as they were (saved skip lists still load)
+    torch.manual_seed(0)
+    model = BottleneckNet(n=3).eval()
+    trt_qat.quantize(model, QuantConfig(skip=["act"]), sample_input=torch.zeros(1, 3, 16, 16))
+    assert model.trt_qat_rules_report.adds_quantized == 3
 
 
 def test_functional_skip_left_alone_and_reported(caplog):

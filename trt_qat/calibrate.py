@@ -244,15 +244,18 @@ def main(argv=None):
     # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
     # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
     # images; --batch-size and --num-batches are per process, and only rank 0 writes
+    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
     joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, _ = dist_util.init_distributed()
+    rank, world, _ = dist_util.init_distributed(dist_util.backend_for(args.device))
     joined = joined and world > 1
     try:
-        device = args.device or dist_util.distributed_device(None)
-        out = ensure_dir(args.out) if rank == 0 else Path(args.out)
+        device = dist_util.distributed_device(args.device)
         model = load_fp32_model(args)
         dataset = make_dataset(args, split=args.split)
         if world > 1:
+            if len(dataset) < world:  # an empty shard would skip the collectives the other ranks make
+                raise TrtQatError(f"{len(dataset)} calibration images for {world} processes; give every process at "
+                                  "least one image (fewer processes, or more images)")
             dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
         loader = build_dataloader(dataset, batch_size=args.batch_size)
         qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)

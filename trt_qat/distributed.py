@@ -31,7 +31,7 @@ import torch
 
 from .errors import LOG, TrtQatError
 
-__all__ = ["init_distributed", "cleanup_distributed", "is_distributed", "get_rank", "get_world_size",
+__all__ = ["init_distributed", "cleanup_distributed", "backend_for", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "barrier", "distributed_device", "broadcast_object", "all_reduce_mean",
            "sync_calibrators", "all_reduce_calibrators"]
 
@@ -113,10 +113,28 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def backend_for(device=None) -> str | None:
+    """The process-group backend for a ``--device`` value: gloo for an explicit CPU device (NCCL reduces CUDA
+    tensors only, and is what :func:`init_distributed` picks whenever CUDA is available), else None (the default)."""
+    if device is not None and torch.device(device).type == "cpu":
+        return "gloo"
+    return None
+
+
 def distributed_device(device=None):
-    """This rank's device: ``device`` when given, ``cuda:LOCAL_RANK`` under NCCL, else None (keep the model's)."""
+    """This rank's device: ``device`` when given, ``cuda:LOCAL_RANK`` under NCCL, else None (keep the model's).
+
+    Under torchrun with more than one process, ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``); an explicit
+    index would put every rank on the same GPU and is refused.
+    """
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and is_distributed() and get_world_size() > 1:
+            if device.index is not None:
+                raise TrtQatError(f"--device {device} under torchrun would put every rank on one GPU; pass "
+                                  "--device cuda (rank r uses cuda:LOCAL_RANK)")
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
     if is_distributed() and _dist().get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return None

@@ -215,12 +215,12 @@ def main(argv=None):
 
     # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
     # --batch-size is per process
+    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
     joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, _ = dist_util.init_distributed()
+    rank, world, _ = dist_util.init_distributed(dist_util.backend_for(args.device))
     joined = joined and world > 1
     try:
         device = dist_util.distributed_device(args.device)
-        out = ensure_dir(args.out) if rank == 0 else Path(args.out)
         model, _ = load_quantized(args.checkpoint)
         if device is not None:
             model.to(device)

@@ -585,8 +585,9 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
         sample_input (torch.Tensor | tuple): an example input; only its shape matters (values are not used for
             any decision), so zeros of the deployment shape are fine.
         skip (Iterable[str]): ``QuantConfig.skip`` regexes. A residual Add's skip-input quantizer would live at
-            ``<producer module>._trt_qat_output_quantizers`` (the name sensitivity analysis reports it under); when a
-            pattern matches that name (or the producer module's), the Add is left alone. Defaults to none.
+            ``<producer module>._trt_qat_output_quantizers`` (the name sensitivity analysis reports it under); a
+            pattern that contains ``_trt_qat_output_quantizers`` and matches that name leaves the Add alone.
+            Defaults to none.
 
     Returns:
         RulesReport: what was shared and quantized. Also stored as ``model.trt_qat_rules_report``.
@@ -602,7 +603,9 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
     if not isinstance(sample_input, (torch.Tensor, tuple, list)):
         raise TrtQatError(f"apply_rules() needs a sample input tensor, got {type(sample_input).__name__}")
     tq_cls = _tensor_quantizer_cls()
-    skip_patterns = [re.compile(p) for p in skip]
+    # only patterns that name the output quantizers: a pattern for a block or a conv ("cv1", "stage2\.m\.0") keeps
+    # matching what it matched before, and saved skip lists rebuild the same model
+    skip_patterns = [re.compile(p) for p in skip if OUTPUTS_ATTR in p]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if isinstance(sample_input, torch.Tensor):
         sample = sample_input.to(device)
@@ -686,25 +689,24 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
             LOG.info("placement rules: add in %s left alone: %s", _where(plan, node), reason)
             continue
         if _is_ancestor(rec, a, b):
-            skip, other = a, b
+            skip_v, other = a, b
         elif _is_ancestor(rec, b, a):
-            skip, other = b, a
+            skip_v, other = b, a
         else:
-            skip, other = (a, b) if _order(rec, a) <= _order(rec, b) else (b, a)
+            skip_v, other = (a, b) if _order(rec, a) <= _order(rec, b) else (b, a)
         if not _from_quantized_weighted(rec, other, tq_cls):
-            skip, other = other, skip
-        if skip in quantized_values:
+            skip_v, other = other, skip_v
+        if skip_v in quantized_values:
             report.adds_quantized += 1
             continue
-        prod = values[skip].producer
+        prod = values[skip_v].producer
         if prod is not None and isinstance(nodes[prod].module, tq_cls) and not nodes[prod].module._disabled:
             report.adds_quantized += 1  # the model quantizes the skip tensor itself (a TensorQuantizer in forward)
             continue
-        site = _producer_site(rec, skip)
+        site = _producer_site(rec, skip_v)
         if site is not None and skip_patterns:
             owner = plan.name(site[0])
-            hit = next((p.pattern for p in skip_patterns
-                        if p.search(f"{owner}.{OUTPUTS_ATTR}") or p.search(owner)), None)
+            hit = next((p.pattern for p in skip_patterns if p.search(f"{owner}.{OUTPUTS_ATTR}")), None)
             if hit is not None:
                 reason = f"quant.skip '{hit}' matches its skip-input quantizer at {owner}.{OUTPUTS_ATTR}"
                 report.adds_left_alone.append((_where(plan, node), reason))
@@ -717,14 +719,14 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
             report.adds_left_alone.append((_where(plan, node), reason))
             LOG.warning("placement rules: residual add in %s left alone: %s", _where(plan, node), reason)
             continue
-        c = uf.find(skip)
+        c = uf.find(skip_v)
         q = class_q.get(c)
         if q is None:
             q = TrtQuantizer(None, num_bits, num_bins, "input")
             class_q[c] = q
         module, call, pos = site
         sites[(id(module), call, pos)] = (module, call, pos, q)
-        quantized_values[skip] = q
+        quantized_values[skip_v] = q
         report.adds_quantized += 1
 
     # a pure data-movement op (view, slice, ...) of a quantized tensor is quantized too
