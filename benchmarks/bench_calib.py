@@ -247,7 +247,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, default=8, help="batches per statistics pass. Default 8")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--imgsz", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pass. Default 5")
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per pass. Default 9")
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument("--ref-quantizers", type=int, default=3,
                         help="quantizers on which the reference mse/entropy are timed (scaled to all). Default 3")
