@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/bench_calib.py                 # CPU, 2 threads
     python benchmarks/bench_calib.py --json calib.json
+    python benchmarks/bench_calib.py --device cuda       # on a CUDA GPU (no counting floor there)
 """
 from __future__ import annotations
 
@@ -78,14 +79,19 @@ def reference_amax(cal, method, percentile=99.99):
     return float(ref.compute_amax(method, percentile=percentile))
 
 
-def _quantized_model(imgsz):
+def _quantized_model(imgsz, device="cpu"):
     from bench_qat_step import build_variant
 
     model = build_variant("fp32", "cpu", imgsz)
     from trt_qat.config import QuantConfig
     from trt_qat.quantize import quantize
 
-    return quantize(model, QuantConfig())
+    return quantize(model, QuantConfig()).to(device)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_passes(args) -> list:
@@ -94,15 +100,15 @@ def time_passes(args) -> list:
 
     from trt_qat.calibrate import collect_stats
 
-    batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0] for i in range(args.batches)]
-    fp32 = build_variant("fp32", "cpu", args.imgsz).eval()
-    qmodel = _quantized_model(args.imgsz)
+    batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0].to(args.device) for i in range(args.batches)]
+    fp32 = build_variant("fp32", args.device, args.imgsz).eval()
+    qmodel = _quantized_model(args.imgsz, args.device)
     # the same statistics pass with pytorch-quantization's own HistogramCalibrator (torch.histc per batch)
     from pytorch_quantization.calib import HistogramCalibrator
 
     from trt_qat.calibrate import _activation_quantizers
 
-    ref_model = _quantized_model(args.imgsz)
+    ref_model = _quantized_model(args.imgsz, args.device)
     for _, q in _activation_quantizers(ref_model):
         q._calibrator = HistogramCalibrator(8, None, False)
 
@@ -124,8 +130,10 @@ def time_passes(args) -> list:
     for r in range(args.rounds):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            _sync(args.device)
             t0 = time.perf_counter()
             passes[name]()
+            _sync(args.device)
             times[name].append(time.perf_counter() - t0)
     passes["calib-hist"]()  # leave the histograms of one full pass for compute_amax
     base = statistics.median(times["forward"])
@@ -219,7 +227,8 @@ def time_compute_amax(qmodel, args) -> list:
 
 def table(pass_rows, amax_rows, args, floor=None) -> str:
     size = f"{args.batch}x3x{args.imgsz}x{args.imgsz}"
-    lines = [f"Calibration statistics pass, yolo-n, {args.batches} batches of {size}, cpu, {args.threads} threads, "
+    where = f"{args.device}, {args.threads} threads" if args.device == "cpu" else args.device
+    lines = [f"Calibration statistics pass, yolo-n, {args.batches} batches of {size}, {where}, "
              f"median of {args.rounds} rounds",
              f"{'pass':<12} {'median ms':>10} {'x forward':>10} {'min ms':>9} {'x forward':>10}"]
     for r in pass_rows:
@@ -243,6 +252,7 @@ def table(pass_rows, amax_rows, args, floor=None) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n]. Default cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads. Default 2")
     parser.add_argument("--batches", type=int, default=8, help="batches per statistics pass. Default 8")
     parser.add_argument("--batch", type=int, default=16)
@@ -257,6 +267,8 @@ def main(argv=None):
                         help="skip timing bincount alone (the serial floor of exact histogram counting)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda given but no CUDA GPU is available")
     torch.set_num_threads(args.threads)
     from trt_qat.quantize import _quiet_absl
 
@@ -264,16 +276,17 @@ def main(argv=None):
     pass_rows, qmodel = time_passes(args)
     amax_rows = time_compute_amax(qmodel, args) if args.amax else []
     floor = None
-    if args.floor:
+    if args.floor and args.device == "cpu":  # (bincount is a parallel kernel on CUDA)
         from bench_qat_step import synthetic_batch
 
-        batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0] for i in range(args.batches)]
+        batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0].to(args.device) for i in range(args.batches)]
         forward_ms = next(r["min_ms"] for r in pass_rows if r["variant"] == "forward")
-        floor = time_count_floor(_quantized_model(args.imgsz), batches, forward_ms)
+        floor = time_count_floor(_quantized_model(args.imgsz, args.device), batches, forward_ms)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": {"torch": torch.__version__, "threads": args.threads, "batches": args.batches,
-                                "batch": args.batch, "imgsz": args.imgsz, "rounds": args.rounds},
+            json.dump({"meta": {"torch": torch.__version__, "device": args.device, "threads": args.threads,
+                                "batches": args.batches, "batch": args.batch, "imgsz": args.imgsz,
+                                "rounds": args.rounds},
                        "passes": pass_rows, "compute_amax": amax_rows, "count_floor": floor}, f, indent=2)
     print(table(pass_rows, amax_rows, args, floor))
     return 0
