@@ -80,3 +80,18 @@ def test_every_trt_tool_flag_is_documented_in_readme(module):
              if o.startswith("--")]
     missing = [f for f in flags if f"`{f}`" not in readme]
     assert flags and not missing
+
+
+@pytest.mark.parametrize("command", ["calibrate", "qat", "sensitivity"])
+@pytest.mark.parametrize("device", ["gpu0", "cuda:7"])
+def test_unusable_device_is_one_clear_line(command, device, tmp_path, capsys):
+    import torch
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    ckpt = tmp_path / "missing.pt"  # the device is checked before anything is loaded or run
+    with pytest.raises(SystemExit) as exc:
+        dispatch([command, "--checkpoint", str(ckpt), "--data", str(tmp_path / "d.yaml"), "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"device '{device}'" in err[0], err

@@ -23,6 +23,30 @@ def _check(cond: bool, msg: str):
         raise TrtQatError(msg)
 
 
+def check_device(device):
+    """``device`` as a ``torch.device`` once it is known to be usable here; None (or "") stays None.
+
+    Raises:
+        TrtQatError: for a malformed name, CUDA on a machine without it, or a CUDA index that is not visible.
+    """
+    if device is None or str(device) == "":
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TrtQatError(f"unknown device '{device}'; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrtQatError(f"device '{device}' requested but CUDA is not available here; pass --device cpu or "
+                              "leave --device out")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TrtQatError(f"device '{device}' does not exist: {torch.cuda.device_count()} CUDA device(s) visible "
+                              "(check CUDA_VISIBLE_DEVICES)")
+    return dev
+
+
 @dataclass
 class QuantConfig:
     """How a model is instrumented.
@@ -76,6 +100,7 @@ class CalibConfig:
                f"unknown calibration method '{self.method}'; choose one of {', '.join(CALIB_METHODS)}")
         _check(0 < self.percentile <= 100, f"percentile {self.percentile} must be in (0, 100]")
         _check(self.num_batches is None or self.num_batches > 0, "calib.num_batches must be positive or null")
+        check_device(self.device)
 
 
 @dataclass
@@ -113,6 +138,7 @@ class QATConfig:
         _check(self.lr > 0 and math.isfinite(self.lr), f"qat.lr={self.lr} must be a positive number")
         _check(0 <= self.min_lr_ratio <= 1, "qat.min_lr_ratio must be in [0, 1]")
         _check(self.optimizer in ("sgd", "adamw"), f"qat.optimizer '{self.optimizer}' unknown; use sgd or adamw")
+        check_device(self.device)
 
 
 @dataclass

@@ -116,7 +116,10 @@ def cleanup_distributed():
 def backend_for(device=None) -> str | None:
     """The process-group backend for a ``--device`` value: gloo for an explicit CPU device (NCCL reduces CUDA
     tensors only, and is what :func:`init_distributed` picks whenever CUDA is available), else None (the default)."""
-    if device is not None and torch.device(device).type == "cpu":
+    from .config import check_device
+
+    device = check_device(device)
+    if device is not None and device.type == "cpu":
         return "gloo"
     return None
 
@@ -127,8 +130,10 @@ def distributed_device(device=None):
     Under torchrun with more than one process, ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``); an explicit
     index would put every rank on the same GPU and is refused.
     """
+    from .config import check_device
+
+    device = check_device(device)
     if device is not None:
-        device = torch.device(device)
         if device.type == "cuda" and is_distributed() and get_world_size() > 1:
             if device.index is not None:
                 raise TrtQatError(f"--device {device} under torchrun would put every rank on one GPU; pass "

@@ -698,18 +698,20 @@ def main(argv=None):
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
+    from .config import check_device
     from .data.yolo import YoloDataset, build_dataloader
     from .fileio import atomic_write_json, atomic_write_text, ensure_dir
     from .quantize import check_amax, load_quantized
 
+    device = check_device(args.device)
     if args.sqnr_batches < 1:
         raise TrtQatError(f"--sqnr-batches {args.sqnr_batches} must be >= 1")
     if args.auto_skip is not None and args.auto_skip < 0:
         raise TrtQatError(f"--auto-skip {args.auto_skip} must be >= 0")
     out = ensure_dir(args.out)
     model, _ = load_quantized(args.checkpoint)
-    if args.device:
-        model.to(args.device)
+    if device is not None:
+        model.to(device)
     model.eval()
     check_amax(model, "sensitivity analysis")
     names = list_layers(model)

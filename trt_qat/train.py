@@ -110,15 +110,9 @@ def _lr_at(step: int, total: int, warmup: int, lr: float, lrf: float) -> float:
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None or str(device) == "":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise TrtQatError(f"unknown device '{device}'; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrtQatError(f"device '{device}' requested but CUDA is not available; pass --device cpu")
-    return dev
+    from .config import check_device
+
+    return check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_size: int = 32, imgsz: int = 128,
