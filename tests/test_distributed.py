@@ -162,9 +162,16 @@ def test_backend_and_device_for_torchrun(monkeypatch):
     from trt_qat import distributed as D
     from trt_qat.errors import TrtQatError
 
-    assert D.backend_for("cpu") == "gloo" and D.backend_for(None) is None and D.backend_for("cuda") is None
+    assert D.backend_for("cpu") == "gloo" and D.backend_for(None) is None
     assert D.distributed_device(None) is None and D.distributed_device("cpu") == torch.device("cpu")
+    with pytest.raises(TrtQatError, match="unknown device 'gpu'"):
+        D.backend_for("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (only the device checks are exercised)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert D.backend_for("cuda") is None  # init_distributed's default: NCCL where CUDA is available
     monkeypatch.setattr(D, "is_distributed", lambda: True)
     monkeypatch.setattr(D, "get_world_size", lambda: 2)
     with pytest.raises(TrtQatError, match="every rank on one GPU"):
         D.distributed_device("cuda:0")
+    with pytest.raises(TrtQatError, match="2 CUDA device"):
+        D.distributed_device("cuda:5")
