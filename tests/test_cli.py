@@ -91,7 +91,8 @@ def test_unusable_device_is_one_clear_line(command, device, tmp_path, capsys):
         pytest.skip("this machine has 8 GPUs")
     ckpt = tmp_path / "missing.pt"  # the device is checked before anything is loaded or run
     with pytest.raises(SystemExit) as exc:
-        dispatch([command, "--checkpoint", str(ckpt), "--data", str(tmp_path / "d.yaml"), "--device", device])
-    assert exc.value.code == 2
+        dispatch([command, "--checkpoint", str(ckpt), "--data", str(tmp_path / "d.yaml"), "--device", device,
+                  "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()  # nothing written
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"device '{device}'" in err[0], err

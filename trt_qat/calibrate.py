@@ -236,7 +236,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from . import distributed as dist_util
-    from .config import QuantConfig
+    from .config import QuantConfig, check_device
     from .data.yolo import build_dataloader
     from .fileio import ensure_dir
     from .quantize import quantize, save_quantized
@@ -244,12 +244,9 @@ def main(argv=None):
     # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
     # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
     # images; --batch-size and --num-batches are per process, and only rank 0 writes
+    check_device(args.device)  # a bad --device is one line, before anything is written
     out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
-    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, _ = dist_util.init_distributed(dist_util.backend_for(args.device))
-    joined = joined and world > 1
-    try:
-        device = dist_util.distributed_device(args.device)
+    with dist_util.torchrun_session(args.device) as (rank, world, device):
         model = load_fp32_model(args)
         dataset = make_dataset(args, split=args.split)
         if world > 1:
@@ -272,9 +269,6 @@ def main(argv=None):
             n = sum(1 for _ in iter_quantizers(model))
             print(f"calibrated {n} quantizers with {args.method} -> {out / 'quantized.pt'}"
                   + (f" ({world} processes)" if world > 1 else ""))
-    finally:
-        if joined:
-            dist_util.cleanup_distributed()
     return 0
 
 

@@ -23,6 +23,7 @@ best epoch), and only rank 0 writes checkpoints, reports and ONNX.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -33,7 +34,7 @@ from .errors import LOG, TrtQatError
 
 __all__ = ["init_distributed", "cleanup_distributed", "backend_for", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "barrier", "distributed_device", "broadcast_object", "all_reduce_mean",
-           "sync_calibrators", "all_reduce_calibrators"]
+           "sync_calibrators", "all_reduce_calibrators", "torchrun_session"]
 
 
 def _dist():
@@ -143,6 +144,21 @@ def distributed_device(device=None):
     if is_distributed() and _dist().get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return None
+
+
+@contextlib.contextmanager
+def torchrun_session(device=None):
+    """A CLI's process group: join torchrun's (when WORLD_SIZE > 1), yield ``(rank, world_size, device)``, and
+    leave the group on exit if this call joined it. ``device`` is the ``--device`` value: gloo for an explicit
+    CPU, else the default backend; the yielded device is :func:`distributed_device`'s."""
+    joined = not (_dist().is_available() and _dist().is_initialized())
+    rank, world, _ = init_distributed(backend_for(device))
+    joined = joined and world > 1
+    try:
+        yield rank, world, distributed_device(device)
+    finally:
+        if joined:
+            cleanup_distributed()
 
 
 def _comm_device() -> torch.device:

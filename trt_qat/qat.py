@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .calibrate import set_weight_amax
-from .config import QATConfig
+from .config import QATConfig, check_device
 from .errors import LOG, TrtQatError, cli_main
 from .quantize import check_amax, save_quantized
 
@@ -215,12 +215,9 @@ def main(argv=None):
 
     # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
     # --batch-size is per process
+    check_device(args.device)  # a bad --device is one line, before anything is written
     out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
-    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, _ = dist_util.init_distributed(dist_util.backend_for(args.device))
-    joined = joined and world > 1
-    try:
-        device = dist_util.distributed_device(args.device)
+    with dist_util.torchrun_session(args.device) as (rank, world, device):
         model, _ = load_quantized(args.checkpoint)
         if device is not None:
             model.to(device)
@@ -241,9 +238,6 @@ def main(argv=None):
         if rank == 0:
             print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> "
                   f"{out / 'best.pt'}" + (f" ({world} processes)" if world > 1 else ""))
-    finally:
-        if joined:
-            dist_util.cleanup_distributed()
     return 0
 
 
