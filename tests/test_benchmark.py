@@ -151,7 +151,7 @@ def test_main_ort_prints_summary_and_writes_json(qdq_onnx, tmp_path, capsys):
     (["--backend", "trt"], "--backend trt needs --engine"),
     (["--shapes", "other:1x3x8x8"], "unknown inputs"),
     (["--shapes", "images:1x3"], "integers"),
-    (["--batch", "0"], "--batch must be >= 1"),
+    (["--batch", "0"], "argument --batch: 0 must be >= 1"),
     (["--providers", "tpu"], "unknown ONNX Runtime provider"),
 ])
 def test_main_errors_are_one_line(qdq_onnx, capsys, extra, msg):

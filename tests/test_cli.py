@@ -96,3 +96,32 @@ def test_unusable_device_is_one_clear_line(command, device, tmp_path, capsys):
     assert exc.value.code == 2 and not (tmp_path / "out").exists()  # nothing written
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"device '{device}'" in err[0], err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["calibrate", "--checkpoint", "c.pt", "--data", "d.yaml", "--imgsz", "100"], "multiple of 32"),
+    (["qat", "--checkpoint", "c.pt", "--data", "d.yaml", "--max-steps", "-1"], "--max-steps: -1 must be >= 1"),
+    (["sensitivity", "--checkpoint", "c.pt", "--data", "d.yaml", "--layers", "("], "not a valid regex"),
+    (["train", "--data", "d.yaml", "--lr", "-1"], "--lr: -1.0 must be a positive number"),
+    (["export", "--checkpoint", "c.pt"], "required: --output"),
+])
+def test_flag_errors_are_one_line(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dispatch(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trt_qat: error:") and msg in err[0], err
+
+
+def test_uncalibrated_checkpoint_is_refused_by_eval_and_compare(tmp_path):
+    import torch
+
+    import trt_qat
+    from trt_qat.errors import TrtQatError
+    from trt_qat.models.yolo import build_model
+    from trt_qat.runners.torch_runner import torch_runner_from_checkpoint
+
+    model = trt_qat.quantize(build_model("yolo-n"), trt_qat.QuantConfig(), sample_input=torch.zeros(1, 3, 64, 64))
+    trt_qat.save_quantized(model, tmp_path / "uncal.pt")
+    with pytest.raises(TrtQatError, match="never calibrated"):
+        torch_runner_from_checkpoint(tmp_path / "uncal.pt")

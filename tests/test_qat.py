@@ -125,3 +125,30 @@ def test_unfrozen_scales_follow_the_weights():
     expected = model[0].weight.detach().abs().amax(dim=(1, 2, 3))
     torch.testing.assert_close(model[0]._weight_quantizer.amax.flatten(), expected)
     assert float(model[0]._input_quantizer.amax) == act_amax  # activation scales stay calibrated
+
+
+def test_unresumable_last_checkpoint_is_one_clear_error(tmp_path):
+    model, data = _setup()
+    torch.save([1, 2], tmp_path / "last.pt")  # not a QAT checkpoint
+    with pytest.raises(TrtQatError, match="not a trt_qat checkpoint"):
+        trt_qat.finetune(model, data, loss_fn, epochs=1, checkpoint_dir=tmp_path, progress=False)
+    torch.save({"amax": {}}, tmp_path / "last.pt")
+    with pytest.raises(TrtQatError, match="not a QAT checkpoint"):
+        trt_qat.finetune(model, data, loss_fn, epochs=1, checkpoint_dir=tmp_path, progress=False)
+    # a QAT checkpoint of another architecture under the same (here: no) fingerprint
+    other = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    trt_qat.quantize(other, QuantConfig(rules=False))
+    trt_qat.calibrate(other, [x for x, _ in data], method="max", progress=False)
+    trt_qat.finetune(other, data, loss_fn, epochs=1, checkpoint_dir=tmp_path / "o", progress=False)
+    with pytest.raises(TrtQatError, match="different QAT run .*--no-resume"):
+        trt_qat.finetune(model, data, loss_fn, epochs=2, checkpoint_dir=tmp_path / "o", progress=False)
+    (tmp_path / "o" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrtQatError, match="delete .*last.pt"):
+        trt_qat.finetune(model, data, loss_fn, epochs=2, checkpoint_dir=tmp_path / "o", progress=False)
+
+
+@pytest.mark.parametrize("bad, msg", [({"max_steps_per_epoch": 0}, "max_steps_per_epoch"),
+                                      ({"grad_clip": -1.0}, "grad_clip")])
+def test_qat_config_refuses_bad_caps(bad, msg):
+    with pytest.raises(TrtQatError, match=msg):
+        QATConfig(**bad)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import positive_int
 from .errors import LOG, TrtQatError, cli_main, setup_logging
 from .fileio import atomic_write_json
 
@@ -265,15 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trt for --engine, ort (ONNX Runtime) for --onnx (default: from the input)")
     p.add_argument("--providers", default="cpu",
                    help="ONNX Runtime execution providers, comma-separated: cpu, cuda, trt (default: cpu)")
-    p.add_argument("--batch", type=int, default=None, help="batch size for a dynamic batch dimension (default 1)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size for a dynamic batch dimension (default 1)")
     p.add_argument("--shapes", default=None, help="input shapes, e.g. images:8x3x640x640 (overrides --batch)")
     p.add_argument("--warmUp", type=float, default=200, metavar="MS", help="warm-up time in ms (default 200)")
     p.add_argument("--duration", type=float, default=3, metavar="S", help="minimum measured time in s (default 3)")
-    p.add_argument("--iterations", type=int, default=10, help="minimum number of measured queries (default 10)")
+    p.add_argument("--iterations", type=positive_int, default=10,
+                   help="minimum number of measured queries (default 10)")
     p.add_argument("--useCudaGraph", action="store_true", help="TensorRT: replay the inference as a CUDA graph")
     p.add_argument("--noDataTransfers", action="store_true",
                    help="TensorRT: skip host/device copies, time the engine on device-resident inputs")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     p.add_argument("--exportJson", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p

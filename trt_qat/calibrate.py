@@ -220,7 +220,7 @@ def load_amax(model: nn.Module, path) -> int:
 
 @cli_main
 def main(argv=None):
-    from .cli import add_data_args, add_model_args, load_fp32_model, make_dataset
+    from .cli import add_data_args, add_model_args, load_fp32_model, make_dataset, regex
 
     parser = argparse.ArgumentParser(prog="trt-qat calibrate", description="Quantize an FP32 checkpoint and calibrate "
                                      "it (PTQ). Writes a quantized checkpoint and calib/<run>/amax.pt.")
@@ -229,7 +229,7 @@ def main(argv=None):
     parser.add_argument("--method", default="percentile", choices=CALIB_METHODS)
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument("--num-batches", type=int, default=None)
-    parser.add_argument("--skip", nargs="*", default=[], help="regexes of module names to keep in float")
+    parser.add_argument("--skip", nargs="*", type=regex, default=[], help="regexes of module names to keep in float")
     parser.add_argument("--no-rules", action="store_true", help="do not apply the TensorRT placement rules")
     parser.add_argument("--out", default="calib/run", help="output directory (quantized.pt and amax.pt)")
     parser.add_argument("--device", default=None)

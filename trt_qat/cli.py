@@ -5,7 +5,60 @@ import argparse
 
 from .errors import TrtQatError
 
-__all__ = ["add_model_args", "add_data_args", "load_fp32_model", "make_dataset"]
+__all__ = ["add_model_args", "add_data_args", "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
+           "positive_float", "imgsz", "regex"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def regex(text: str) -> str:
+    """argparse type: a valid regular expression (kept as text)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex ({exc})") from None
+    return text
+
+
+def imgsz(text: str) -> int:
+    """argparse type: an input size the built-in detectors take (a positive multiple of their largest stride, 32)."""
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the detector's largest stride)")
+    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser):
@@ -19,9 +72,9 @@ def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val"):
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=True, help="YOLO-format data.yaml (see `trt-qat make-data`)")
     group.add_argument("--split", default=default_split, help=f"split key in data.yaml. Default {default_split}")
-    group.add_argument("--imgsz", type=int, default=128, help="letterbox size. Default 128")
-    group.add_argument("--batch-size", type=int, default=16)
-    group.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    group.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size, a multiple of 32. Default 128")
+    group.add_argument("--batch-size", type=positive_int, default=16)
+    group.add_argument("--max-images", type=positive_int, default=None, help="use only the first N images")
     return group
 
 

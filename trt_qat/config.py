@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,12 @@ class QuantConfig:
         _check(self.num_bits == 8, f"quant.num_bits={self.num_bits} is not supported; TensorRT Q/DQ INT8 needs 8")
         _check(isinstance(self.skip, (list, tuple)), "quant.skip must be a list of regexes")
         self.skip = list(self.skip)
+        for pattern in self.skip:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise TrtQatError(f"quant.skip pattern {pattern!r} is not a valid regex ({exc}); escape special "
+                                  "characters, e.g. 'head\\.cls'") from None
         _check(self.num_bins >= 256, f"quant.num_bins={self.num_bins} is too small; use at least 256 (2048 is usual)")
         _check(self.min_channels is None or self.min_channels > 0, "quant.min_channels must be positive or null")
 
@@ -138,6 +145,10 @@ class QATConfig:
         _check(self.lr > 0 and math.isfinite(self.lr), f"qat.lr={self.lr} must be a positive number")
         _check(0 <= self.min_lr_ratio <= 1, "qat.min_lr_ratio must be in [0, 1]")
         _check(self.optimizer in ("sgd", "adamw"), f"qat.optimizer '{self.optimizer}' unknown; use sgd or adamw")
+        _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+               f"qat.max_steps_per_epoch={self.max_steps_per_epoch} must be >= 1 or null (no cap)")
+        _check(self.grad_clip is None or (self.grad_clip > 0 and math.isfinite(self.grad_clip)),
+               f"qat.grad_clip={self.grad_clip} must be a positive number or null (no clipping)")
         check_device(self.device)
 
 
@@ -219,8 +230,42 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
+def _typed(value, annotation: str, key: str):
+    """``value`` checked against a field annotation (``int``, ``float | None``, ``list``, ...). Numbers written as
+    strings are read as numbers (PyYAML reads ``1e-4`` as a string); anything else of the wrong type is refused."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "float" in kinds:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) if isinstance(value, float) else value
+    if "int" in kinds:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "str" in kinds and isinstance(value, str):
+        return value
+    if ("list" in kinds or "tuple" in kinds) and isinstance(value, (list, tuple)):
+        return value
+    if not set(kinds) & {"int", "float", "bool", "str", "list", "tuple"}:
+        return value  # a type this check does not know: the dataclass validates it
+    wanted = " or ".join("null" if k == "None" else k for k in kinds)
+    raise TrtQatError(f"config key '{key}' must be {wanted}, got {value!r}")
+
+
 def from_dict(cls, values: dict | None, section: str | None = None):
-    """Build dataclass ``cls`` from ``values``, refusing unknown keys with the list of valid ones."""
+    """Build dataclass ``cls`` from ``values``, refusing unknown keys (with the list of valid ones) and values of
+    the wrong type."""
+    if values is not None and not isinstance(values, dict):
+        raise TrtQatError(f"config section '{section or 'top'}' must be a mapping of keys, not {values!r}")
     values = dict(values or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
     where = f"{section}." if section else ""
@@ -232,10 +277,12 @@ def from_dict(cls, values: dict | None, section: str | None = None):
         f = names[key]
         if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
             value = from_dict(type(f.default_factory()), value, key)
+        else:
+            value = _typed(value, f.type, f"{where}{key}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise TrtQatError(f"bad config section '{section or 'top'}': {exc}") from None
 
 
@@ -247,13 +294,17 @@ def load_pipeline_config(path, overrides: dict | None = None) -> PipelineConfig:
     if not path.is_file():
         raise TrtQatError(f"config file '{path}' does not exist; pass --config configs/demo.yaml or a file of yours")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise TrtQatError(f"config file '{path}' is not valid YAML ({exc.__class__.__name__}); "
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TrtQatError(f"config file '{path}' is not valid UTF-8 YAML ({exc.__class__.__name__}); "
                           "fix its syntax") from None
     if not isinstance(raw, dict):
         raise TrtQatError(f"config file '{path}' must be a mapping of sections (model, data, quant, ...)")
     for dotted, value in (overrides or {}).items():
         sec, _, key = dotted.partition(".")
-        raw.setdefault(sec, {})[key] = value
+        if raw.get(sec) is None:
+            raw[sec] = {}
+        if not isinstance(raw[sec], dict):
+            raise TrtQatError(f"config section '{sec}' must be a mapping of keys, not {raw[sec]!r}")
+        raw[sec][key] = value
     return from_dict(PipelineConfig, raw)

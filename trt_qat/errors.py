@@ -50,7 +50,12 @@ def cli_main(func):
 
     @functools.wraps(func)
     def wrapper(argv=None):
+        import argparse
+
         setup_logging()
+        # argparse's own errors (a missing or malformed flag) become one line too, not usage + error
+        parser_error = argparse.ArgumentParser.error
+        argparse.ArgumentParser.error = _argparse_error
         try:
             return func(argv)
         except TrtQatError as exc:
@@ -59,5 +64,11 @@ def cli_main(func):
         except KeyboardInterrupt:
             print("trt_qat: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        finally:
+            argparse.ArgumentParser.error = parser_error
 
     return wrapper
+
+
+def _argparse_error(parser, message):
+    raise TrtQatError(f"{parser.prog}: {message} (see {parser.prog} --help)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import imgsz
 from .errors import LOG, TrtQatError, cli_main
 from .fileio import atomic_path
 from .quantize import check_amax, iter_quantizers
@@ -108,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="FP32 (trt-qat train) or quantized (calibrate/qat) .pt")
     parser.add_argument("--output", "-o", required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13). Default 17")
-    parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--imgsz", type=imgsz, default=128, help="input size, a multiple of 32. Default 128")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     args = parser.parse_args(argv)
     if args.opset < MIN_OPSET:

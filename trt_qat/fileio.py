@@ -34,15 +34,24 @@ def require_file(path, what: str = "file", hint: str = "check the path") -> Path
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
     path = Path(path)
+    if path.is_dir():
+        raise TrtQatError(f"'{path}' is a directory; give a file path (e.g. '{path / 'out'}{path.suffix}')")
     ensure_dir(path.parent if str(path.parent) else ".")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would have given it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -75,7 +84,11 @@ def read_checkpoint(path, hint: str = "check the path or run the previous stage 
     if not path.is_file():
         raise TrtQatError(f"checkpoint '{path}' does not exist; {hint}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # corrupt or not a torch file
         raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not a "
                           "PyTorch checkpoint: re-run the stage that wrote it") from None
+    if not isinstance(data, dict):
+        raise TrtQatError(f"checkpoint '{path}' holds a {type(data).__name__}, not a trt_qat checkpoint (a dict); "
+                          "pass a file written by trt-qat train, calibrate or qat")
+    return data

@@ -896,13 +896,15 @@ def lint_onnx(model_or_path, skip_nodes=None) -> LintReport:
 @cli_main
 def main(argv=None):
     """``trt-qat lint model.onnx [--json out.json] [--strict] [--skip REGEX ...] [--all]``."""
+    from .cli import regex
+
     parser = argparse.ArgumentParser(
         prog="trt-qat lint",
         description="Lint the Q/DQ placement of an ONNX model for TensorRT INT8 (any exporter, no config).")
     parser.add_argument("onnx", help="path of the Q/DQ ONNX model")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (atomically)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when there are errors")
-    parser.add_argument("--skip", nargs="+", default=[], metavar="REGEX",
+    parser.add_argument("--skip", nargs="+", type=regex, default=[], metavar="REGEX",
                         help="node-name regexes of layers left in float on purpose (excluded from coverage)")
     parser.add_argument("--all", action="store_true", help="also list the INT8-eligible layers")
     args = parser.parse_args(argv)

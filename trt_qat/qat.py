@@ -8,6 +8,8 @@ always, ``best.pt`` when ``eval_fn`` reports a better score. A run started again
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -106,14 +108,26 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
     if ckdir and resume and (ckdir / "last.pt").is_file():
         from .quantize import _read_checkpoint
 
-        state = _read_checkpoint(ckdir / "last.pt")
+        try:
+            state = _read_checkpoint(ckdir / "last.pt")
+        except TrtQatError as exc:
+            raise TrtQatError(f"{exc}; or to start QAT afresh, delete {ckdir / 'last.pt'} (--no-resume ignores "
+                              "it)") from None
+        if not {"state_dict", "optimizer", "epoch"} <= set(state):
+            raise TrtQatError(f"{ckdir / 'last.pt'} is not a QAT checkpoint (no state_dict/optimizer/epoch); delete "
+                              "it or choose another --out")
         if state.get("fingerprint") != fingerprint:
             LOG.warning("not resuming from %s: it was written by a different run (config or starting weights "
                         "changed); starting QAT afresh", ckdir / "last.pt")
             state = None
     if state is not None:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            detail = str(exc).strip().splitlines()[0][:160]
+            raise TrtQatError(f"{ckdir / 'last.pt'} was written by a different QAT run and cannot be resumed "
+                              f"({detail}); delete it, pass --no-resume, or choose another --out") from None
         start_epoch = state["epoch"] + 1
         history = state.get("history", [])
         best_score, best_epoch = state.get("best_score"), state.get("best_epoch")
@@ -189,16 +203,16 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
 
 @cli_main
 def main(argv=None):
-    from .cli import add_data_args, make_dataset
+    from .cli import add_data_args, make_dataset, positive_float, positive_int
 
     parser = argparse.ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
                                      "calibrated checkpoint (scales frozen by default). Resumes from --out/last.pt.")
     parser.add_argument("--checkpoint", required=True, help="calibrated checkpoint (trt-qat calibrate output)")
     add_data_args(parser, default_split="train")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per epoch")
     parser.add_argument("--no-freeze-amax", action="store_true")
     parser.add_argument("--out", default="runs/qat", help="checkpoint directory (last.pt, best.pt)")
     parser.add_argument("--no-resume", action="store_true")
@@ -232,8 +246,12 @@ def main(argv=None):
         cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                         max_steps_per_epoch=args.max_steps, freeze_amax=not args.no_freeze_amax,
                         device=str(device) if device is not None else None)
+        # resume only a run of this very checkpoint, data and settings (--out is often reused between runs)
+        ident = {k: v for k, v in vars(args).items() if k not in ("out", "no_resume", "device")}
+        ident["checkpoint_sha256"] = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+        fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
         result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
-                          resume=not args.no_resume,
+                          resume=not args.no_resume, fingerprint=fingerprint,
                           eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
         if rank == 0:
             print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> "

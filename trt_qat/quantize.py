@@ -317,12 +317,21 @@ def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None)
         from .models.yolo import _model_from_cfg
 
         model = _model_from_cfg(dict(ckpt["model_cfg"]))
-    qcfg = QuantConfig(**ckpt["quant_config"])
+    from .config import from_dict
+
+    if not isinstance(ckpt.get("quant_config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise TrtQatError(f"checkpoint '{path}' lacks its quant_config or state_dict; re-run `trt-qat calibrate`")
+    qcfg = from_dict(QuantConfig, ckpt["quant_config"], "quant_config")
     sample = None
     if qcfg.rules and ckpt.get("rules_input_shape"):
         sample = torch.zeros(ckpt["rules_input_shape"])
     quantize(model, qcfg, sample_input=sample)
-    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise TrtQatError(f"checkpoint '{path}' does not match the model ({detail}); load it with the same "
+                          "architecture it was saved from") from None
     quantizers = dict(iter_quantizers(model))
     for name in ckpt.get("disabled_quantizers", []):
         if name in quantizers:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cli import imgsz, non_negative_int, positive_float, positive_int
 from .errors import LOG, TrtQatError, cli_main
 
 __all__ = ["train_fp32", "ModelEMA", "seed_everything", "build_optimizer", "main"]
@@ -247,17 +248,19 @@ def _build_parser() -> argparse.ArgumentParser:
                                 "(the baseline for PTQ and QAT).")
     p.add_argument("--data", required=True, help="YOLO data.yaml with train and val splits")
     p.add_argument("--model", default="yolo-n", help="yolo-n or yolo-s (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=30, help="default: %(default)s")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default: %(default)s)")
-    p.add_argument("--imgsz", type=int, default=128, help="letterbox size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.01 sgd, 0.002 adamw)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="default: %(default)s")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: 0.01 sgd, 0.002 adamw)")
     p.add_argument("--optimizer", default="sgd", choices=sorted(_OPTIMIZERS), help="default: %(default)s")
     p.add_argument("--out", default="runs/fp32/best.pt", help="best checkpoint (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    p.add_argument("--workers", type=int, default=0, help="data-loader workers (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loader workers (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (default: epochs // 10)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="evaluate every N epochs (default: epochs // 10)")
     p.add_argument("--no-augment", action="store_true", help="disable the train-split augmentation")
     return p
 

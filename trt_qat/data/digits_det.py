@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import non_negative_int
 from ..errors import LOG, TrtQatError, cli_main
 from ..fileio import atomic_write_text, ensure_dir
 
@@ -289,7 +290,7 @@ def main(argv=None):
     parser.add_argument("--n-train", type=int, default=1500, help="training images (default: %(default)s)")
     parser.add_argument("--n-val", type=int, default=300, help="validation images (default: %(default)s)")
     parser.add_argument("--n-calib", type=int, default=128, help="calibration images (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--min-canvas", type=int, default=96, help="smallest image side (default: %(default)s)")
     parser.add_argument("--max-canvas", type=int, default=160, help="largest image side (default: %(default)s)")
     parser.add_argument("--max-digits", type=int, default=4, help="most digits per image (default: %(default)s)")

@@ -78,7 +78,9 @@ def torch_runner_from_checkpoint(path, name: str | None = None):
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
     """
-    from ..quantize import load_model
+    from ..quantize import check_amax, load_model
 
     model, _, quantized = load_model(path)
+    if quantized:  # an uncalibrated quantizer would silently run in float (or give NaN)
+        check_amax(model, stage="running it")
     return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)" if quantized else "fp32"
