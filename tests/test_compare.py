@@ -111,3 +111,13 @@ def test_help_documents_every_flag(capsys):
     for flag in ("--onnx", "--engine", "--providers", "--input-shape", "--batch", "--inputs", "--num-inputs", "--seed",
                  "--cosine", "--max-abs", "--mean-abs", "--threads", "--exportJson"):
         assert flag in out
+
+
+def test_empty_npz_inputs_are_one_clear_error(tmp_path):
+    from trt_qat.compare import load_npz_feed
+    from trt_qat.errors import TrtQatError
+
+    path = tmp_path / "empty.npz"
+    path.write_bytes(b"")
+    with pytest.raises(TrtQatError, match="cannot read inputs"):
+        load_npz_feed(path, ["images"])

@@ -43,3 +43,13 @@ def test_bad_skip_regex_and_device():
     with pytest.raises(TrtQatError, match="unknown device"):
         QATConfig(device="gpu0")
     assert check_device(None) is None and str(check_device("cpu")) == "cpu"
+
+
+def test_export_opset_bounds_are_checked_on_creation():
+    from trt_qat.config import ExportConfig
+
+    with pytest.raises(TrtQatError, match="opset 99 is newer"):
+        ExportConfig(opset=99)
+    with pytest.raises(TrtQatError, match="opset 11 is too old"):
+        ExportConfig(opset=11)
+    assert ExportConfig(opset=17).opset == 17

@@ -50,3 +50,22 @@ def test_report_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "r")])
     assert exc.value.code == 2 and "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, msg", [
+    (b"\xff\xfe\x00\x01", "as JSON"),
+    (b"[1, 2, 3]", "no report rows"),
+    (b'{"rows": "abc"}', "no report rows"),
+    (b"[]", "no report rows"),
+    (b'[{"variant": "QAT", "map50_95": "high"}]', "is not a number"),
+])
+def test_report_inputs_that_are_not_rows_are_one_line(tmp_path, capsys, content, msg):
+    from trt_qat.report import main
+
+    path = tmp_path / "in.json"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--out", str(tmp_path / "r")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err

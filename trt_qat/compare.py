@@ -178,8 +178,9 @@ def load_npz_feed(path, input_names) -> dict:
     single input)."""
     try:
         data = np.load(path)
-    except (OSError, ValueError) as exc:
-        raise TrtQatError(f"cannot read inputs '{path}' ({exc}); give an .npz saved with np.savez") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise TrtQatError(f"cannot read inputs '{path}' ({exc.__class__.__name__}: {exc}); give an .npz saved with "
+                          "np.savez") from None
     with data:
         arrays = {k: data[k] for k in data.files}
     if list(arrays) == ["arr_0"] and len(input_names) == 1:

@@ -167,8 +167,9 @@ class ExportConfig:
     imgsz: int = 128
 
     def __post_init__(self):
-        _check(self.opset >= 13, f"opset {self.opset} is too old for per-channel Q/DQ (QuantizeLinear axis needs "
-                                 "opset 13); use --opset 13 or newer")
+        from .export import check_opset
+
+        check_opset(self.opset)
 
 
 @dataclass

@@ -38,6 +38,29 @@ def fb_fake_quant():
         TensorQuantizer.use_fb_fake_quant = old
 
 
+def _max_opset() -> int:
+    """The newest opset the TorchScript exporter (the one that traces TensorQuantizer) writes."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):
+        return 20
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if trt_qat can export Q/DQ with it: per-channel QuantizeLinear needs 13, and the TorchScript
+    exporter writes up to its own maximum."""
+    if opset < MIN_OPSET:
+        raise TrtQatError(f"opset {opset} is too old: per-channel QuantizeLinear needs the 'axis' attribute of opset "
+                          f"{MIN_OPSET}; use --opset {MIN_OPSET} or newer (17 recommended)")
+    top = _max_opset()
+    if opset > top:
+        raise TrtQatError(f"opset {opset} is newer than this torch's ONNX exporter writes ({top}); use --opset "
+                          f"{top} or lower (17 recommended)")
+    return opset
+
+
 def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int = 17, dynamic_batch: bool = True,
                 input_names=("images",), output_names=("output",), check: bool = True) -> Path:
     """Export ``model`` (quantized or float) to ONNX at ``path`` (written atomically).
@@ -55,9 +78,7 @@ def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int =
     Returns:
         Path: ``path``.
     """
-    if opset < MIN_OPSET:
-        raise TrtQatError(f"opset {opset} is too old: per-channel QuantizeLinear needs the 'axis' attribute of opset "
-                          f"{MIN_OPSET}; use --opset {MIN_OPSET} or newer (17 recommended)")
+    check_opset(opset)
     quantized = any(True for _ in iter_quantizers(model))
     if quantized:
         check_amax(model, stage="export")
@@ -112,9 +133,7 @@ def main(argv=None):
     parser.add_argument("--imgsz", type=imgsz, default=128, help="input size, a multiple of 32. Default 128")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     args = parser.parse_args(argv)
-    if args.opset < MIN_OPSET:
-        raise TrtQatError(f"opset {args.opset} is too old: per-channel QuantizeLinear needs opset {MIN_OPSET}; "
-                          f"use --opset {MIN_OPSET} or newer (17 recommended)")
+    check_opset(args.opset)
     from .quantize import load_model
 
     model, _, _ = load_model(args.checkpoint)

@@ -172,17 +172,28 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
 
 def _load_rows(path: Path):
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TrtQatError(f"cannot read '{path}' as JSON ({exc.__class__.__name__}); pass eval/bench JSON files "
                           "written by trt-qat") from None
     if isinstance(data, dict) and "rows" in data:
-        return list(data["rows"])
-    if isinstance(data, list):
-        return data
-    if isinstance(data, dict):
-        return [data]
-    raise TrtQatError(f"'{path}' holds no report rows; pass eval/bench JSON files written by trt-qat")
+        rows = data["rows"]
+    elif isinstance(data, list):
+        rows = data
+    elif isinstance(data, dict):
+        rows = [data]
+    else:
+        rows = None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise TrtQatError(f"'{path}' holds no report rows (objects with variant/map50_95/latency fields); pass "
+                          "eval/bench JSON files written by trt-qat")
+    for row in rows:
+        for key in ("map50", "map50_95", "latency_ms_p50", "latency_ms_p99", "qps", "size_mb"):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TrtQatError(f"'{path}': {key} = {value!r} is not a number; pass eval/bench JSON files "
+                                  "written by trt-qat")
+    return rows
 
 
 _BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "onnxruntime-cpu": "onnxruntime",
