@@ -125,3 +125,37 @@ def test_uncalibrated_checkpoint_is_refused_by_eval_and_compare(tmp_path):
     trt_qat.save_quantized(model, tmp_path / "uncal.pt")
     with pytest.raises(TrtQatError, match="never calibrated"):
         torch_runner_from_checkpoint(tmp_path / "uncal.pt")
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["eval", "--checkpoint", "c.pt", "--data", "d.yaml", "--conf-thres", "2"], "--conf-thres: 2.0 must be in [0, 1]"),
+    (["compare", "--onnx", "m.onnx", "--cosine", "nan"], "not a finite number"),
+    (["sensitivity", "--checkpoint", "c.pt", "--data", "d.yaml", "--auto-skip", "-1"], "must be >= 0"),
+])
+def test_range_flags_are_one_line(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dispatch(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_long_runs_check_their_output_path_first(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # --json is a directory: refused before any image is evaluated
+        dispatch(["eval", "--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path / "d.yaml"),
+                  "--json", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory" in err[0], err
+
+
+def test_quantized_checkpoint_where_fp32_is_needed(tmp_path):
+    import torch
+
+    import trt_qat
+    from trt_qat.errors import TrtQatError
+    from trt_qat.models.yolo import build_model, load_checkpoint
+
+    model = trt_qat.quantize(build_model("yolo-n"), trt_qat.QuantConfig(), sample_input=torch.zeros(1, 3, 64, 64))
+    trt_qat.save_quantized(model, tmp_path / "q.pt")
+    with pytest.raises(TrtQatError, match="quantized .* needs the FP32 one"):
+        load_checkpoint(tmp_path / "q.pt")

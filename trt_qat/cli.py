@@ -6,7 +6,7 @@ import argparse
 from .errors import TrtQatError
 
 __all__ = ["add_model_args", "add_data_args", "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
-           "positive_float", "imgsz", "regex"]
+           "positive_float", "non_negative_float", "unit_interval", "imgsz", "regex"]
 
 
 def positive_int(text: str) -> int:
@@ -39,6 +39,34 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (tolerances, targets)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1] (thresholds, cosine similarity)."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
     return value
 
 

@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .cli import non_negative_int, positive_int
+from .cli import non_negative_float, non_negative_int, positive_int, unit_interval
 from .errors import LOG, TrtQatError, cli_main, setup_logging
 from .fileio import atomic_write_json
 
@@ -208,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", default=None, metavar="FILE.npz", help="inputs from an .npz instead of random ones")
     p.add_argument("--num-inputs", type=positive_int, default=4, help="number of random inputs (default 4)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--cosine", type=float, default=DEFAULT_THRESHOLDS["cosine"],
+    p.add_argument("--cosine", type=unit_interval, default=DEFAULT_THRESHOLDS["cosine"],
                    help="minimum cosine similarity (default 0.999)")
-    p.add_argument("--max-abs", type=float, default=None, help="maximum absolute difference (default: not checked)")
-    p.add_argument("--mean-abs", type=float, default=None,
+    p.add_argument("--max-abs", type=non_negative_float, default=None,
+                   help="maximum absolute difference (default: not checked)")
+    p.add_argument("--mean-abs", type=non_negative_float, default=None,
                    help="maximum mean absolute difference (default: not checked)")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--exportJson", default=None, metavar="FILE", help="write the report as JSON")

@@ -191,8 +191,8 @@ def _runner_from_args(args):
 def main(argv=None):
     import argparse
 
-    from .cli import add_data_args, make_dataset
-    from .fileio import atomic_write_json
+    from .cli import add_data_args, make_dataset, unit_interval
+    from .fileio import atomic_write_json, check_writable_file
 
     parser = argparse.ArgumentParser(prog="trt-qat eval", description="COCO mAP (pycocotools) of a checkpoint, ONNX "
                                      "or TensorRT engine, with the same pre-processing, decoding and NMS for all.")
@@ -202,11 +202,13 @@ def main(argv=None):
     src.add_argument("--engine", help="TensorRT engine (needs tensorrt + pycuda)")
     add_data_args(parser, default_split="val")
     parser.add_argument("--providers", default=None, help="ONNX Runtime providers: cpu, cuda, trt (default cpu)")
-    parser.add_argument("--conf-thres", type=float, default=0.001)
-    parser.add_argument("--iou-thres", type=float, default=0.6)
+    parser.add_argument("--conf-thres", type=unit_interval, default=0.001, help="score threshold in [0, 1]")
+    parser.add_argument("--iou-thres", type=unit_interval, default=0.6, help="NMS IoU threshold in [0, 1]")
     parser.add_argument("--variant", default=None, help="row name in the report (default: the file name)")
     parser.add_argument("--json", default=None, help="write the result as a report row (for `trt-qat report`)")
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable_file(args.json)  # before the evaluation, not after it
     dataset = make_dataset(args, split=args.split)
     runner, backend, precision = _runner_from_args(args)
     with runner:

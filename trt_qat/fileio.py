@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "ensure_dir",
-           "require_file", "read_checkpoint"]
+           "require_file", "read_checkpoint", "check_writable_file"]
 
 
 def ensure_dir(path) -> Path:
@@ -34,6 +34,15 @@ def require_file(path, what: str = "file", hint: str = "check the path") -> Path
     return path
 
 
+def check_writable_file(path) -> Path:
+    """Raise now, before a long run, if ``path`` cannot be written later (a directory, or an unwritable folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TrtQatError(f"'{path}' is a directory; give a file path (e.g. '{path / 'out'}{path.suffix}')")
+    ensure_dir(path.parent if str(path.parent) else ".")
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -43,10 +52,7 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
-    path = Path(path)
-    if path.is_dir():
-        raise TrtQatError(f"'{path}' is a directory; give a file path (e.g. '{path / 'out'}{path.suffix}')")
-    ensure_dir(path.parent if str(path.parent) else ".")
+    path = check_writable_file(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -677,7 +677,7 @@ def _has_labels(dataset) -> bool:
 
 @cli_main
 def main(argv=None):
-    from .cli import add_data_args, regex
+    from .cli import add_data_args, non_negative_float, regex
 
     parser = argparse.ArgumentParser(
         prog="trt-qat sensitivity",
@@ -691,7 +691,7 @@ def main(argv=None):
                              "has labels. Default auto")
     parser.add_argument("--sqnr-batches", type=int, default=2, help="batches used by the sqnr metric. Default 2")
     parser.add_argument("--layers", nargs="*", type=regex, default=None, help="regexes: evaluate only matching layers")
-    parser.add_argument("--auto-skip", type=float, default=None, metavar="TARGET",
+    parser.add_argument("--auto-skip", type=non_negative_float, default=None, metavar="TARGET",
                         help="leave the most sensitive layers in float until within TARGET of FP32: mAP50-95 points "
                              "for --metric map (e.g. 0.5), or the SQNR in dB to reach for --metric sqnr (e.g. 30)")
     parser.add_argument("--out", default="reports/sensitivity", help="output directory")

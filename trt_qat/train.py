@@ -155,6 +155,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
 
     from .data.yolo import YoloDataset, build_dataloader
     from .evaluate import evaluate
+    from .fileio import check_writable_file
     from .models.loss import YoloLoss
     from .models.yolo import build_model, save_checkpoint
     from .runners.torch_runner import TorchRunner
@@ -165,6 +166,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         torch.set_num_threads(int(threads))
     epochs, batch_size = int(epochs), int(batch_size)
     dev = _resolve_device(device)
+    check_writable_file(out)  # before training, not at the first checkpoint
     seed_everything(int(seed))
 
     train_ds = YoloDataset(data_yaml, "train", imgsz=imgsz, augment=augment, max_images=max_train_images)

@@ -292,6 +292,9 @@ def load_checkpoint(path, map_location="cpu"):
 
 def model_from_checkpoint(ckpt: dict, path="<checkpoint>") -> YoloDetector:
     """Rebuild the model (eval mode) from a checkpoint dict written by :func:`save_checkpoint`."""
+    if isinstance(ckpt, dict) and ckpt.get("format") == "trt_qat.quantized/1":
+        raise TrtQatError(f"checkpoint '{path}' is a quantized (calibrate/qat) checkpoint; this step needs the FP32 "
+                          "one written by `trt-qat train`")
     if not isinstance(ckpt, dict) or "model_cfg" not in ckpt or "state_dict" not in ckpt:
         raise TrtQatError(f"checkpoint '{path}' has no 'model_cfg'/'state_dict'; "
                           "it was not written by trt_qat.models.yolo.save_checkpoint")
