@@ -102,6 +102,10 @@ def test_main_exit_codes_and_json(nets, tmp_path, capsys):
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "at least two models" in err[0]
+    with pytest.raises(SystemExit) as exc:  # a shape for an input the model does not have
+        cmp.main(["--onnx", str(fp32), "--onnx", str(qdq), "--input-shape", "foo:1x3x8x8"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and "unknown inputs ['foo']" in err[0], err
 
 
 def test_help_documents_every_flag(capsys):

@@ -223,6 +223,10 @@ def make_feed(runner, batch: int | None = None, shapes: dict | None = None, seed
     """
     rng = np.random.default_rng(seed)
     shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - set(runner.input_shapes))
+    if unknown:
+        raise TrtQatError(f"--shapes names unknown inputs {unknown}; the model's inputs are "
+                          f"{list(runner.input_shapes)}")
     dtypes = getattr(runner, "input_dtypes", {})
     feed = {}
     for name, declared in runner.input_shapes.items():
@@ -322,9 +326,6 @@ def main(argv=None):
 
         runner = OnnxrtRunner(args.onnx, providers=args.providers, intra_op_threads=args.threads)
     with runner:
-        unknown = sorted(set(shapes) - set(runner.input_names))
-        if unknown:
-            raise TrtQatError(f"--shapes names unknown inputs {unknown}; the model's inputs are {runner.input_names}")
         feed = make_feed(runner, batch=args.batch, shapes=shapes)
         result = benchmark(runner, feed, warmup_ms=args.warmUp, duration_s=args.duration, iterations=args.iterations,
                            no_data_transfers=args.noDataTransfers, cuda_graph=args.useCudaGraph)
