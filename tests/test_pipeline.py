@@ -81,3 +81,15 @@ def test_pipeline_unwritable_output(tmp_path, capsys):
         run_main(["--config", str(tmp_path / "cfg.yaml")])
     assert exc.value.code == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_pipeline_model_name_must_match_the_checkpoint(tmp_path, capsys, tiny_digits_yaml):
+    save_checkpoint(build_model("yolo-n"), tmp_path / "fp32.pt")
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "yolo-s", "checkpoint": str(tmp_path / "fp32.pt")},
+        "data": {"data": str(tiny_digits_yaml)}, "run": {"out_dir": str(tmp_path / "r")}}))
+    with pytest.raises(SystemExit) as exc:
+        run_main(["--config", str(tmp_path / "cfg.yaml")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds yolo-n, but model.name is yolo-s" in err[0], err

@@ -112,6 +112,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if not cfg.model.checkpoint:
         raise TrtQatError("model.checkpoint is not set; train a baseline with `trt-qat train` and set it in the config")
     fp32, _ = load_checkpoint(cfg.model.checkpoint)
+    held = (getattr(fp32, "cfg", None) or {}).get("name")
+    if cfg.model.name and held and held != cfg.model.name:
+        raise TrtQatError(f"model.checkpoint '{cfg.model.checkpoint}' holds {held}, but model.name is "
+                          f"{cfg.model.name}; set model.name: {held} or point model.checkpoint at a {cfg.model.name}")
     fp32.eval()
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
     val = YoloDataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
