@@ -1,6 +1,4 @@
 """Atomic writes: a directory is not a file path, written files get the usual permissions, checkpoints are dicts."""
-import os
-
 import pytest
 import torch
 
@@ -14,12 +12,11 @@ def test_directory_target_is_one_clear_error(tmp_path):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = atomic_write_text(tmp_path / "a.txt", "x")
-    finally:
-        os.umask(old)
-    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o644
+    from trt_qat import fileio
+
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o666 & ~fileio._UMASK
+    assert (path.stat().st_mode & 0o777) != 0o600 or fileio._UMASK == 0o066  # not mkstemp's private mode
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left behind
 
 
