@@ -48,6 +48,33 @@ def check_device(device):
     return dev
 
 
+#: per-channel QuantizeLinear (the ``axis`` attribute) needs opset 13
+MIN_OPSET = 13
+
+
+def _max_opset() -> int:
+    """The newest opset the TorchScript exporter (the one that traces TensorQuantizer) writes."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+    except (ImportError, AttributeError):
+        return 20
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if trt_qat can export Q/DQ with it: per-channel QuantizeLinear needs 13, and the TorchScript
+    exporter writes up to its own maximum."""
+    if opset < MIN_OPSET:
+        raise TrtQatError(f"opset {opset} is too old: per-channel QuantizeLinear needs the 'axis' attribute of opset "
+                          f"{MIN_OPSET}; use --opset {MIN_OPSET} or newer (17 recommended)")
+    top = _max_opset()
+    if opset > top:
+        raise TrtQatError(f"opset {opset} is newer than this torch's ONNX exporter writes ({top}); use --opset "
+                          f"{top} or lower (17 recommended)")
+    return opset
+
+
 @dataclass
 class QuantConfig:
     """How a model is instrumented.
@@ -167,8 +194,6 @@ class ExportConfig:
     imgsz: int = 128
 
     def __post_init__(self):
-        from .export import check_opset
-
         check_opset(self.opset)
 
 
@@ -244,7 +269,7 @@ def _typed(value, annotation: str, key: str):
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value) if isinstance(value, float) else value
+            return value
     if "int" in kinds:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)

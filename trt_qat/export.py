@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from .cli import imgsz
+from .config import check_opset
 from .errors import LOG, TrtQatError, cli_main
 from .fileio import atomic_path
 from .quantize import check_amax, iter_quantizers
 
 __all__ = ["export_onnx", "fb_fake_quant", "main"]
 
-MIN_OPSET = 13
 
 
 @contextlib.contextmanager
@@ -36,29 +36,6 @@ def fb_fake_quant():
         yield
     finally:
         TensorQuantizer.use_fb_fake_quant = old
-
-
-def _max_opset() -> int:
-    """The newest opset the TorchScript exporter (the one that traces TensorQuantizer) writes."""
-    try:
-        from torch.onnx import _constants
-
-        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
-    except (ImportError, AttributeError):
-        return 20
-
-
-def check_opset(opset: int) -> int:
-    """``opset`` if trt_qat can export Q/DQ with it: per-channel QuantizeLinear needs 13, and the TorchScript
-    exporter writes up to its own maximum."""
-    if opset < MIN_OPSET:
-        raise TrtQatError(f"opset {opset} is too old: per-channel QuantizeLinear needs the 'axis' attribute of opset "
-                          f"{MIN_OPSET}; use --opset {MIN_OPSET} or newer (17 recommended)")
-    top = _max_opset()
-    if opset > top:
-        raise TrtQatError(f"opset {opset} is newer than this torch's ONNX exporter writes ({top}); use --opset "
-                          f"{top} or lower (17 recommended)")
-    return opset
 
 
 def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int = 17, dynamic_batch: bool = True,
