@@ -149,6 +149,7 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
     ``bincount`` is a single-threaded loop in PyTorch's CPU backend: the max-only pass plus this time bounds, from
     below, a histogram pass that counts every element exactly with ``bincount``.
     """
+    from trt_qat.amax import bin_indices
     from trt_qat.calibrate import _activation_quantizers
 
     quantizers = [q for _, q in _activation_quantizers(qmodel)]
@@ -181,10 +182,9 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
             q._calibrator.collect = c
     idx = []
     seen.clear()
-    for cal, x in recorded:  # the pass's own bin indices (see trt_qat.amax._bin_counts)
+    for cal, x in recorded:  # the pass's own bin indices
         n = cal.hist.numel()
-        itype = torch.int16 if n <= 32767 else torch.int32
-        idx.append((torch.div(x, cal.width).to(itype).abs_().reshape(-1), n))
+        idx.append((bin_indices(x, cal.width, n), n))
     recorded.clear()
     times = []
     for _ in range(3):

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["HistogramMaxCalibrator", "amax_percentile", "amax_mse", "amax_entropy", "fake_quant", "FakeQuantCache",
-           "reuse_fake_quant", "remember_fake_quant"]
+__all__ = ["HistogramMaxCalibrator", "amax_percentile", "amax_mse", "amax_entropy", "bin_indices", "fake_quant",
+           "FakeQuantCache", "reuse_fake_quant", "remember_fake_quant"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +144,13 @@ def _all_reduce_max(t: torch.Tensor, group):
 _RECENT_COUNTS: list = []
 
 
+def bin_indices(x: torch.Tensor, width: float, length: int) -> torch.Tensor:
+    """The histogram bin of every element, flat: ``trunc(fl32(|x| / width))`` (trunc toward zero, then abs), as
+    16-bit integers when ``length`` bins fit, else 32-bit."""
+    itype = torch.int16 if length <= 32767 else torch.int32
+    return torch.div(x, width).to(itype).abs_().reshape(-1)
+
+
 def _bin_counts(x: torch.Tensor, width: float, length: int, source: torch.Tensor) -> torch.Tensor:
     """``bincount(trunc(fl32(|x| / width)), minlength=length)`` as float64; reused when ``source`` (the tensor
     the quantizer was called with) is the very tensor counted last time, unchanged, with the same bins."""
@@ -153,10 +160,7 @@ def _bin_counts(x: torch.Tensor, width: float, length: int, source: torch.Tensor
         for xref, version, k, counts in _RECENT_COUNTS:
             if k == key and xref() is source and source._version == version:
                 return counts.clone()
-    # trunc toward zero then abs: trunc(|x| / w); bin indices fit 16 bits for the usual lengths
-    itype = torch.int16 if length <= 32767 else torch.int32
-    idx = torch.div(x, width).to(itype).abs_().reshape(-1)
-    counts = torch.bincount(idx, minlength=length).to(torch.float64)
+    counts = torch.bincount(bin_indices(x, width, length), minlength=length).to(torch.float64)
     if not inference:
         _RECENT_COUNTS.insert(0, (weakref.ref(source), source._version, key, counts))
         del _RECENT_COUNTS[8:]
