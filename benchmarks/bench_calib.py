@@ -84,7 +84,7 @@ def _quantized_model(imgsz, device="cpu"):
 
     model = build_variant("fp32", "cpu", imgsz)
     from trt_qat.config import QuantConfig
-    from trt_qat.quantize import quantize
+    from trt_qat.quant.instrument import quantize
 
     return quantize(model, QuantConfig()).to(device)
 
@@ -98,7 +98,7 @@ def time_passes(args) -> list:
     """Time the statistics passes (interleaved rounds); returns one row per variant."""
     from bench_qat_step import build_variant, synthetic_batch
 
-    from trt_qat.calibrate import collect_stats
+    from trt_qat.calibration.calibrate import collect_stats
 
     batches = [synthetic_batch(args.batch, args.imgsz, seed=i)[0].to(args.device) for i in range(args.batches)]
     fp32 = build_variant("fp32", args.device, args.imgsz).eval()
@@ -106,7 +106,7 @@ def time_passes(args) -> list:
     # the same statistics pass with pytorch-quantization's own HistogramCalibrator (torch.histc per batch)
     from pytorch_quantization.calib import HistogramCalibrator
 
-    from trt_qat.calibrate import _activation_quantizers
+    from trt_qat.calibration.calibrate import _activation_quantizers
 
     ref_model = _quantized_model(args.imgsz, args.device)
     for _, q in _activation_quantizers(ref_model):
@@ -149,8 +149,8 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
     ``bincount`` is a single-threaded loop in PyTorch's CPU backend: the max-only pass plus this time bounds, from
     below, a histogram pass that counts every element exactly with ``bincount``.
     """
-    from trt_qat.amax import bin_indices
-    from trt_qat.calibrate import _activation_quantizers
+    from trt_qat.calibration.calibrate import _activation_quantizers
+    from trt_qat.quant.fake_quant import bin_indices
 
     quantizers = [q for _, q in _activation_quantizers(qmodel)]
     seen = []
@@ -169,7 +169,7 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
     for q in quantizers:
         q._calibrator.collect = recorder(q._calibrator, q._calibrator.collect)
     try:
-        from trt_qat.calibrate import collect_stats
+        from trt_qat.calibration.calibrate import collect_stats
 
         def batch_iter():
             for b in batches:
@@ -199,7 +199,7 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
 
 def time_compute_amax(qmodel, args) -> list:
     """Time compute_amax over all activation quantizers per method, ours vs the reference."""
-    from trt_qat.calibrate import _activation_quantizers
+    from trt_qat.calibration.calibrate import _activation_quantizers
 
     cals = [(n, q._calibrator) for n, q in _activation_quantizers(qmodel)]
     rows = []
@@ -270,7 +270,7 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
     torch.set_num_threads(args.threads)
-    from trt_qat.quantize import _quiet_absl
+    from trt_qat.quant.instrument import _quiet_absl
 
     _quiet_absl()
     pass_rows, qmodel = time_passes(args)

@@ -63,10 +63,10 @@ def synthetic_batch(batch: int = 16, imgsz: int = 128, nc: int = 10, objects: in
 def build_variant(name: str, device: str, imgsz: int = 128, seed: int = 0, channels_last: bool = False):
     """The detector for ``name`` on ``device``; quantized variants are calibrated with percentile 99.99 (the
     default) on two random batches, so that some values clip during the timed steps, as in real QAT."""
-    from trt_qat.calibrate import calibrate
+    from trt_qat.calibration.calibrate import calibrate
     from trt_qat.config import QuantConfig
     from trt_qat.models.yolo import build_model
-    from trt_qat.quantize import iter_quantizers, quantize
+    from trt_qat.quant.instrument import iter_quantizers, quantize
 
     torch.manual_seed(seed)
     model = build_model("yolo-n")
@@ -89,7 +89,7 @@ class Trainer:
 
     def __init__(self, name, device, batch, imgsz, channels_last=False):
         from trt_qat.models.loss import detection_loss_fn
-        from trt_qat.qat import _freeze_bn
+        from trt_qat.train.qat import _freeze_bn
 
         self.name, self.device = name, torch.device(device)
         self.fast = name != "torch-fq"
@@ -110,9 +110,9 @@ class Trainer:
 
     def step(self) -> tuple:
         """One training step; returns ``(wall seconds, process CPU seconds)``."""
-        import trt_qat.amax
+        from trt_qat.quant import fake_quant as amax
 
-        trt_qat.amax.FAST_CPU_FAKE_QUANT = self.fast
+        amax.FAST_CPU_FAKE_QUANT = self.fast
         self._sync()
         t0, c0 = time.perf_counter(), time.process_time()
         loss = self.loss_fn(self.model, self.batch)
@@ -259,7 +259,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
-    from trt_qat.quantize import _quiet_absl
+    from trt_qat.quant.instrument import _quiet_absl
 
     _quiet_absl()
     if args.only:

@@ -4,9 +4,9 @@ import json
 import pytest
 import yaml
 
+from trt_qat.cli.run import main as run_main
 from trt_qat.data.digits_det import generate_digits_det
 from trt_qat.models.yolo import build_model, save_checkpoint
-from trt_qat.pipeline import main as run_main
 
 
 @pytest.mark.slow

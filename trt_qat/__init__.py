@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 
 with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.script at import time
     warnings.simplefilter("ignore", FutureWarning)
-    from .calibrate import calibrate, collect_stats, compute_amax, load_amax, save_amax  # noqa: E402
-    from .config import CalibConfig, ExportConfig, QATConfig, QuantConfig  # noqa: E402
-    from .errors import TrtQatError  # noqa: E402
-    from .export import export_onnx  # noqa: E402
-    from .qat import finetune  # noqa: E402
-    from .quantize import iter_quantizers, load_quantized, quantize, quantizer_summary, save_quantized  # noqa: E402
+    from trt_qat.calibration.calibrate import calibrate, collect_stats, compute_amax, load_amax, save_amax  # noqa: E402
+    from trt_qat.config import CalibConfig, ExportConfig, QATConfig, QuantConfig  # noqa: E402
+    from trt_qat.errors import TrtQatError  # noqa: E402
+    from trt_qat.onnx.export import export_onnx  # noqa: E402
+    from trt_qat.quant.instrument import iter_quantizers, load_quantized, quantize, quantizer_summary, save_quantized  # noqa: E402
+    from trt_qat.train.qat import finetune  # noqa: E402
 
 __all__ = [
     "CalibConfig", "ExportConfig", "QATConfig", "QuantConfig", "TrtQatError", "__version__",

@@ -6,20 +6,20 @@ import sys
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
-    "run": ("trt_qat.pipeline", "run the whole pipeline from a YAML config (FP32 -> PTQ -> QAT -> ONNX -> report)"),
-    "make-data": ("trt_qat.data.digits_det", "generate the digits-det demo dataset (YOLO format)"),
-    "train": ("trt_qat.train", "train the built-in detector in FP32 (the baseline)"),
-    "quantize": ("trt_qat.calibrate", "alias of calibrate: instrument + calibrate an FP32 checkpoint"),
-    "calibrate": ("trt_qat.calibrate", "instrument an FP32 checkpoint and calibrate it (PTQ)"),
-    "qat": ("trt_qat.qat", "quantization-aware fine-tuning of a calibrated checkpoint"),
-    "export": ("trt_qat.export", "export a checkpoint to ONNX (Q/DQ for quantized models)"),
-    "eval": ("trt_qat.evaluate", "COCO mAP of a checkpoint or ONNX (PyTorch or ONNX Runtime)"),
-    "lint": ("trt_qat.lint", "check Q/DQ placement of any ONNX for TensorRT"),
-    "sensitivity": ("trt_qat.sensitivity", "per-layer quantization sensitivity"),
-    "build": ("trt_qat.build_engine", "build a TensorRT engine from ONNX"),
-    "bench": ("trt_qat.benchmark", "trtexec-style latency benchmark (TensorRT or ONNX Runtime)"),
-    "compare": ("trt_qat.compare", "compare outputs of PyTorch / ONNX Runtime / TensorRT"),
-    "report": ("trt_qat.report", "merge eval/bench JSON into md/json/html reports"),
+    "run": ("trt_qat.cli.run", "run the whole pipeline from a YAML config (FP32 -> PTQ -> QAT -> ONNX -> report)"),
+    "make-data": ("trt_qat.cli.make_data", "generate the digits-det demo dataset (YOLO format)"),
+    "train": ("trt_qat.cli.train", "train the built-in detector in FP32 (the baseline)"),
+    "quantize": ("trt_qat.cli.calibrate", "alias of calibrate: instrument + calibrate an FP32 checkpoint"),
+    "calibrate": ("trt_qat.cli.calibrate", "instrument an FP32 checkpoint and calibrate it (PTQ)"),
+    "qat": ("trt_qat.cli.qat", "quantization-aware fine-tuning of a calibrated checkpoint"),
+    "export": ("trt_qat.cli.export", "export a checkpoint to ONNX (Q/DQ for quantized models)"),
+    "eval": ("trt_qat.cli.eval", "COCO mAP of a checkpoint or ONNX (PyTorch or ONNX Runtime)"),
+    "lint": ("trt_qat.cli.lint", "check Q/DQ placement of any ONNX for TensorRT"),
+    "sensitivity": ("trt_qat.cli.sensitivity", "per-layer quantization sensitivity"),
+    "build": ("trt_qat.cli.build", "build a TensorRT engine from ONNX"),
+    "bench": ("trt_qat.cli.bench", "trtexec-style latency benchmark (TensorRT or ONNX Runtime)"),
+    "compare": ("trt_qat.cli.compare", "compare outputs of PyTorch / ONNX Runtime / TensorRT"),
+    "report": ("trt_qat.cli.report", "merge eval/bench JSON into md/json/html reports"),
 }
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from trt_qat import __version__
 
         print(__version__)
         return 0

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TrtQatError
+from trt_qat.errors import TrtQatError
 
 __all__ = ["QuantConfig", "CalibConfig", "QATConfig", "ExportConfig", "DataConfig", "ModelConfig", "RunConfig",
            "PipelineConfig", "load_pipeline_config", "from_dict"]

@@ -1,17 +1,16 @@
 """One error type and one logger for the whole package.
 
 Every user-facing failure is a :class:`TrtQatError` whose message names the problem *and* the fix.
-CLI entry points wrap their work in :func:`cli_main`, which turns such an error into a single line on
-stderr and a non-zero exit code, with no traceback.
+The command-line entry points (:mod:`trt_qat.cli`) turn such an error into a single line on stderr and exit
+code 2, with no traceback (:func:`trt_qat.cli.args.cli_main`).
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 
-__all__ = ["TrtQatError", "LOG", "cli_main", "setup_logging"]
+__all__ = ["TrtQatError", "LOG", "setup_logging"]
 
 LOG = logging.getLogger("trt_qat")
 
@@ -43,32 +42,3 @@ def setup_logging(verbose: bool = False) -> None:
         LOG.addHandler(handler)
         LOG.propagate = False
     LOG.setLevel(level)
-
-
-def cli_main(func):
-    """Decorate a ``main(argv=None)``: a TrtQatError becomes one line on stderr and exit code 2."""
-
-    @functools.wraps(func)
-    def wrapper(argv=None):
-        import argparse
-
-        setup_logging()
-        # argparse's own errors (a missing or malformed flag) become one line too, not usage + error
-        parser_error = argparse.ArgumentParser.error
-        argparse.ArgumentParser.error = _argparse_error
-        try:
-            return func(argv)
-        except TrtQatError as exc:
-            print(f"trt_qat: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except KeyboardInterrupt:
-            print("trt_qat: interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-        finally:
-            argparse.ArgumentParser.error = parser_error
-
-    return wrapper
-
-
-def _argparse_error(parser, message):
-    raise TrtQatError(f"{parser.prog}: {message} (see {parser.prog} --help)")

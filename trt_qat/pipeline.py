@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import platform
@@ -20,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PipelineConfig, load_pipeline_config
-from .errors import LOG, TrtQatError, cli_main
-from .fileio import ensure_dir
+from trt_qat.config import PipelineConfig
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.fileio import ensure_dir
 
-__all__ = ["run_pipeline", "output_agreement", "main"]
+__all__ = ["run_pipeline", "output_agreement"]
 
 
 def _versions() -> dict:
@@ -32,7 +31,7 @@ def _versions() -> dict:
     import onnxruntime
     import pytorch_quantization
 
-    from . import __version__
+    from trt_qat import __version__
 
     return {"trt_qat": __version__, "torch": torch.__version__,
             "pytorch_quantization": pytorch_quantization.__version__,
@@ -42,10 +41,10 @@ def _versions() -> dict:
 
 def output_agreement(model, onnx_path, dataset, batches: int = 4, batch_size: int = 8) -> dict:
     """Cosine similarity and max-abs difference between PyTorch and ONNX Runtime on the raw (pre-NMS) outputs."""
-    from .compare import compare_outputs
-    from .data.yolo import build_dataloader
-    from .runners.onnxrt import OnnxrtRunner
-    from .runners.torch_runner import TorchRunner
+    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.measure.compare import compare_outputs
+    from trt_qat.runners.onnxrt import OnnxrtRunner
+    from trt_qat.runners.torch_runner import TorchRunner
 
     loader = build_dataloader(dataset, batch_size=batch_size)
     cos, max_abs, n = [], [], 0
@@ -62,8 +61,8 @@ def output_agreement(model, onnx_path, dataset, batches: int = 4, batch_size: in
 
 
 def _ort_latency(onnx_path, imgsz: int, threads: int | None) -> dict:
-    from .benchmark import benchmark
-    from .runners.onnxrt import OnnxrtRunner
+    from trt_qat.measure.benchmark import benchmark
+    from trt_qat.runners.onnxrt import OnnxrtRunner
 
     feed = {"images": np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
     with OnnxrtRunner(onnx_path, intra_op_threads=threads) as runner:
@@ -82,18 +81,18 @@ def _state_size_mb(model) -> float:
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage for ``cfg``; returns the path of report.md."""
-    from .calibrate import collect_stats, compute_amax, save_amax
-    from .data.yolo import YoloDataset, build_dataloader, write_image_list
-    from .evaluate import evaluate
-    from .export import export_onnx
-    from .lint import lint_onnx
-    from .models.loss import detection_loss_fn
-    from .models.yolo import load_checkpoint
-    from .qat import finetune
-    from .quantize import quantize, quantizer_summary, save_quantized
-    from .report import write_report
-    from .runners.onnxrt import OnnxrtRunner
-    from .runners.torch_runner import TorchRunner
+    from trt_qat.calibration.calibrate import collect_stats, compute_amax, save_amax
+    from trt_qat.data.yolo import YoloDataset, build_dataloader, write_image_list
+    from trt_qat.measure.evaluate import evaluate
+    from trt_qat.models.loss import detection_loss_fn
+    from trt_qat.models.yolo import load_checkpoint
+    from trt_qat.onnx.export import export_onnx
+    from trt_qat.onnx.lint.linter import lint_onnx
+    from trt_qat.quant.instrument import quantize, quantizer_summary, save_quantized
+    from trt_qat.report.write import write_report
+    from trt_qat.runners.onnxrt import OnnxrtRunner
+    from trt_qat.runners.torch_runner import TorchRunner
+    from trt_qat.train.qat import finetune
 
     t_start = time.time()
     if cfg.run.threads:
@@ -105,7 +104,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     data_yaml = Path(cfg.data.data)
     if cfg.data.generate and not data_yaml.is_file():
-        from .data.digits_det import generate_digits_det
+        from trt_qat.data.digits_det import generate_digits_det
 
         LOG.info("generating the digits-det demo dataset in %s", data_yaml.parent)
         data_yaml = generate_digits_det(data_yaml.parent)
@@ -164,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     sections, images = [], []
     if cfg.run.sensitivity:
         t0 = time.time()
-        from .sensitivity import layer_sensitivity, map_metric, plot_sensitivity, sensitivity_section
+        from trt_qat.analysis.sensitivity import layer_sensitivity, map_metric, plot_sensitivity, sensitivity_section
 
         n_img = min(len(val), 64)
         results = layer_sensitivity(ptq_model, map_metric(val, batch_size=bs, max_images=n_img),
@@ -254,30 +253,3 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
 def _m(r: dict) -> dict:
     return {"map50": r["map50"], "map50_95": r["map50_95"]}
-
-
-@cli_main
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="trt-qat run", description="Run the whole pipeline (FP32 eval, PTQ with "
-                                     "every calibration method, QAT, ONNX export, ONNX Runtime eval, report).")
-    parser.add_argument("--config", required=True, help="YAML pipeline config, e.g. configs/demo.yaml")
-    parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override config values, e.g. qat.epochs=1 data.max_val_images=100")
-    args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise TrtQatError(f"bad --set '{item}'; use SECTION.KEY=VALUE, e.g. qat.epochs=1")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    cfg = load_pipeline_config(args.config, overrides)
-    t0 = time.time()
-    report = run_pipeline(cfg)
-    print(f"report: {report} (also report.html, report.json) in {time.time() - t0:.0f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    main()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LOG, TrtQatError
-from .yolo import DetectionDataset, _scan_split
+from trt_qat.data.yolo import DetectionDataset, _scan_split
+from trt_qat.errors import LOG, TrtQatError
 
 __all__ = ["CocoDataset"]
 

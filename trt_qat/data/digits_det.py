@@ -16,21 +16,18 @@ Run ``trt-qat make-data --out datasets/digits-det`` (or ``python -m trt_qat.data
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ..cli import non_negative_int
-from ..errors import LOG, TrtQatError, cli_main
-from ..fileio import atomic_write_text, ensure_dir
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.fileio import atomic_write_text, ensure_dir
 
-__all__ = ["DIGIT_NAMES", "GENERATOR_NAME", "GENERATOR_VERSION", "generate_digits_det", "main"]
+__all__ = ["DIGIT_NAMES", "GENERATOR_NAME", "GENERATOR_VERSION", "generate_digits_det"]
 
 GENERATOR_NAME = "digits-det"
 GENERATOR_VERSION = 1
@@ -280,34 +277,3 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _count_boxes(label_dir: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in label_dir.glob("*.txt"))
-
-
-@cli_main
-def main(argv=None):
-    """``trt-qat make-data``: generate the digits-det demo dataset and print one summary line."""
-    parser = argparse.ArgumentParser(prog="trt-qat make-data", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="datasets/digits-det", help="output directory (default: %(default)s)")
-    parser.add_argument("--n-train", type=int, default=1500, help="training images (default: %(default)s)")
-    parser.add_argument("--n-val", type=int, default=300, help="validation images (default: %(default)s)")
-    parser.add_argument("--n-calib", type=int, default=128, help="calibration images (default: %(default)s)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--min-canvas", type=int, default=96, help="smallest image side (default: %(default)s)")
-    parser.add_argument("--max-canvas", type=int, default=160, help="largest image side (default: %(default)s)")
-    parser.add_argument("--max-digits", type=int, default=4, help="most digits per image (default: %(default)s)")
-    parser.add_argument("--force", action="store_true", help="regenerate even if an identical set exists")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    data_yaml = generate_digits_det(args.out, n_train=args.n_train, n_val=args.n_val, n_calib=args.n_calib,
-                                    seed=args.seed, min_canvas=args.min_canvas, max_canvas=args.max_canvas,
-                                    max_digits=args.max_digits, force=args.force)
-    root = data_yaml.parent
-    parts = []
-    for split in ("train", "val", "calib"):
-        n_img = len(list((root / "images" / split).glob("*.png")))
-        parts.append(f"{split} {n_img} images / {_count_boxes(root / 'labels' / split)} boxes")
-    print(f"digits-det: {', '.join(parts)} -> {data_yaml} ({time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    main()

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LOG, TrtQatError
-from ..fileio import atomic_write_text
-from .transforms import letterbox, xywhn_to_xyxy, xyxy_to_xywhn
+from trt_qat.data.transforms import letterbox, xywhn_to_xyxy, xyxy_to_xywhn
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.fileio import atomic_write_text
 
 __all__ = [
     "IMAGE_EXTENSIONS",

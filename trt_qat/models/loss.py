@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import TrtQatError
+from trt_qat.errors import TrtQatError
 
 __all__ = ["YoloLoss", "detection_loss_fn", "find_detect_head"]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import TrtQatError
-from ..fileio import atomic_path
+from trt_qat.errors import TrtQatError
+from trt_qat.fileio import atomic_path
 
 __all__ = ["ConvBNAct", "Bottleneck", "C3", "SPPF", "Detect", "YoloDetector", "build_model", "MODEL_NAMES",
            "SCALES", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "save_checkpoint", "load_checkpoint"]
@@ -284,7 +284,7 @@ def load_checkpoint(path, map_location="cpu"):
     Returns:
         tuple[YoloDetector, dict]: the rebuilt model (eval mode) and the whole checkpoint dict.
     """
-    from ..fileio import read_checkpoint
+    from trt_qat.fileio import read_checkpoint
 
     ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
     return model_from_checkpoint(ckpt, path), ckpt

@@ -1,4 +1,4 @@
 """Runners: one interface (:class:`BaseRunner`) for PyTorch, ONNX Runtime and TensorRT."""
-from .base import BaseRunner
+from trt_qat.runners.base import BaseRunner
 
 __all__ = ["BaseRunner"]

@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..errors import TrtQatError
+from trt_qat.errors import TrtQatError
 
 __all__ = ["BaseRunner"]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LOG, TrtQatError
-from .base import BaseRunner
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.runners.base import BaseRunner
 
 __all__ = ["OnnxrtRunner", "resolve_providers", "PROVIDER_ALIASES"]
 

@@ -6,8 +6,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ..errors import TrtQatError
-from .base import BaseRunner
+from trt_qat.errors import TrtQatError
+from trt_qat.runners.base import BaseRunner
 
 __all__ = ["TorchRunner"]
 
@@ -78,7 +78,7 @@ def torch_runner_from_checkpoint(path, name: str | None = None):
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
     """
-    from ..quantize import check_amax, load_model
+    from trt_qat.quant.instrument import check_amax, load_model
 
     model, _, quantized = load_model(path)
     if quantized:  # an uncalibrated quantizer would silently run in float (or give NaN)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LOG, TrtQatError
-from .base import BaseRunner
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.runners.base import BaseRunner
 
 __all__ = ["TrtRunner"]
 
@@ -102,7 +102,7 @@ class TrtRunner(BaseRunner):
 
     # --- activation -----------------------------------------------------------------------------------
     def activate_impl(self):
-        from ..build_engine import check_engine_metadata, import_tensorrt, read_engine_metadata
+        from trt_qat.trt.build import check_engine_metadata, import_tensorrt, read_engine_metadata
 
         trt = import_tensorrt()
         cuda = _import_pycuda()

@@ -1,0 +1,148 @@
+"""What every command shares: the parser whose errors are one line, the ``cli_main`` wrapper, typed flags, the
+argument groups, and the helpers that turn them into models and datasets."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+
+from trt_qat.errors import TrtQatError, setup_logging
+
+__all__ = ["ArgumentParser", "cli_main", "add_model_args", "add_data_args",
+           "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
+           "positive_float", "non_negative_float", "unit_interval", "imgsz", "regex"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors (a missing or malformed flag) are a :class:`TrtQatError`, so
+    that :func:`cli_main` prints them as one line instead of usage plus error."""
+
+    def error(self, message):
+        raise TrtQatError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def cli_main(func):
+    """Decorate a command's ``main(argv=None)``: a TrtQatError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(argv=None):
+        setup_logging()
+        try:
+            return func(argv)
+        except TrtQatError as exc:
+            print(f"trt_qat: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("trt_qat: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds, workers)."""
+    return _int_at_least(text, 0)
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (learning rates)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (tolerances, targets)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1] (thresholds, cosine similarity)."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
+    return value
+
+
+def regex(text: str) -> str:
+    """argparse type: a valid regular expression (kept as text)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regex ({exc})") from None
+    return text
+
+
+def imgsz(text: str) -> int:
+    """argparse type: an input size the built-in detectors take (a positive multiple of their largest stride, 32)."""
+    value = positive_int(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the detector's largest stride)")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by `trt-qat train`")
+    group.add_argument("--model", default=None, help="built-in model name (default: the checkpoint's)")
+    return group
+
+
+def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val"):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True, help="YOLO-format data.yaml (see `trt-qat make-data`)")
+    group.add_argument("--split", default=default_split, help=f"split key in data.yaml. Default {default_split}")
+    group.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size, a multiple of 32. Default 128")
+    group.add_argument("--batch-size", type=positive_int, default=16)
+    group.add_argument("--max-images", type=positive_int, default=None, help="use only the first N images")
+    return group
+
+
+def load_fp32_model(args):
+    from trt_qat.models.yolo import load_checkpoint
+
+    model, _ = load_checkpoint(args.checkpoint)
+    if getattr(args, "model", None) and model.cfg.get("name") != args.model:
+        raise TrtQatError(f"checkpoint '{args.checkpoint}' holds {model.cfg.get('name')}, not {args.model}; drop "
+                          "--model or pass the matching checkpoint")
+    return model
+
+
+def make_dataset(args, split: str, augment: bool = False):
+    from trt_qat.data.yolo import YoloDataset
+
+    return YoloDataset(args.data, split=split, imgsz=args.imgsz, augment=augment,
+                       max_images=getattr(args, "max_images", None))

@@ -1,0 +1,68 @@
+"""`trt-qat calibrate`: the command line over :mod:`trt_qat.calibration.calibrate`."""
+from __future__ import annotations
+
+import torch
+
+from trt_qat.calibration.calibrate import calibrate, save_amax
+from trt_qat.cli.args import ArgumentParser, cli_main
+from trt_qat.config import CALIB_METHODS
+from trt_qat.errors import TrtQatError
+from trt_qat.quant.instrument import iter_quantizers
+
+
+@cli_main
+def main(argv=None):
+    from trt_qat.cli.args import add_data_args, add_model_args, load_fp32_model, make_dataset, regex
+
+    parser = ArgumentParser(prog="trt-qat calibrate", description="Quantize an FP32 checkpoint and calibrate "
+                                     "it (PTQ). Writes a quantized checkpoint and calib/<run>/amax.pt.")
+    add_model_args(parser)
+    add_data_args(parser, default_split="calib")
+    parser.add_argument("--method", default="percentile", choices=CALIB_METHODS)
+    parser.add_argument("--percentile", type=float, default=99.99)
+    parser.add_argument("--num-batches", type=int, default=None)
+    parser.add_argument("--skip", nargs="*", type=regex, default=[], help="regexes of module names to keep in float")
+    parser.add_argument("--no-rules", action="store_true", help="do not apply the TensorRT placement rules")
+    parser.add_argument("--out", default="calib/run", help="output directory (quantized.pt and amax.pt)")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    from trt_qat import dist as dist_util
+    from trt_qat.config import QuantConfig, check_device
+    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.fileio import ensure_dir
+    from trt_qat.quant.instrument import quantize, save_quantized
+
+    # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
+    # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
+    # images; --batch-size and --num-batches are per process, and only rank 0 writes
+    check_device(args.device)  # a bad --device is one line, before anything is written
+    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
+    with dist_util.torchrun_session(args.device) as (rank, world, device):
+        model = load_fp32_model(args)
+        dataset = make_dataset(args, split=args.split)
+        if world > 1:
+            if len(dataset) < world:  # an empty shard would skip the collectives the other ranks make
+                raise TrtQatError(f"{len(dataset)} calibration images for {world} processes; give every process at "
+                                  "least one image (fewer processes, or more images)")
+            dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+        loader = build_dataloader(dataset, batch_size=args.batch_size)
+        qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)
+        sample = torch.zeros(1, 3, args.imgsz, args.imgsz)
+        quantize(model, qcfg, sample_input=sample)
+        if device is not None:
+            model.to(device)
+        calibrate(model, loader, method=args.method, percentile=args.percentile, num_batches=args.num_batches,
+                  device=device, progress=rank == 0)
+        if rank == 0:
+            model.cpu()
+            save_quantized(model, out / "quantized.pt", extra={"calib_method": args.method})
+            save_amax(model, out / "amax.pt")
+            n = sum(1 for _ in iter_quantizers(model))
+            print(f"calibrated {n} quantizers with {args.method} -> {out / 'quantized.pt'}"
+                  + (f" ({world} processes)" if world > 1 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

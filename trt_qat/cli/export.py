@@ -1,0 +1,32 @@
+"""`trt-qat export`: the command line over :mod:`trt_qat.onnx.export`."""
+from __future__ import annotations
+
+import torch
+
+from trt_qat.cli.args import ArgumentParser, cli_main, imgsz
+from trt_qat.config import check_opset
+from trt_qat.onnx.export import export_onnx
+
+
+@cli_main
+def main(argv=None):
+    parser = ArgumentParser(prog="trt-qat export", description="Export an FP32 or quantized (calibrated/QAT) "
+                                     "checkpoint to ONNX; quantized models get Q/DQ pairs.")
+    parser.add_argument("--checkpoint", required=True, help="FP32 (trt-qat train) or quantized (calibrate/qat) .pt")
+    parser.add_argument("--output", "-o", required=True, help="ONNX file to write")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 13). Default 17")
+    parser.add_argument("--imgsz", type=imgsz, default=128, help="input size, a multiple of 32. Default 128")
+    parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
+    args = parser.parse_args(argv)
+    check_opset(args.opset)
+    from trt_qat.quant.instrument import load_model
+
+    model, _, _ = load_model(args.checkpoint)
+    export_onnx(model, torch.zeros(1, 3, args.imgsz, args.imgsz), args.output, opset=args.opset,
+                dynamic_batch=not args.static_batch)
+    print(f"exported {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""`trt-qat lint`: the command line over :mod:`trt_qat.onnx.lint.linter`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from trt_qat.cli.args import ArgumentParser, cli_main
+from trt_qat.errors import LOG
+from trt_qat.fileio import atomic_write_json
+from trt_qat.onnx.lint.linter import lint_onnx
+
+
+@cli_main
+def main(argv=None):
+    """``trt-qat lint model.onnx [--json out.json] [--strict] [--skip REGEX ...] [--all]``."""
+    from trt_qat.cli.args import regex
+
+    parser = ArgumentParser(
+        prog="trt-qat lint",
+        description="Lint the Q/DQ placement of an ONNX model for TensorRT INT8 (any exporter, no config).")
+    parser.add_argument("onnx", help="path of the Q/DQ ONNX model")
+    parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (atomically)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when there are errors")
+    parser.add_argument("--skip", nargs="+", type=regex, default=[], metavar="REGEX",
+                        help="node-name regexes of layers left in float on purpose (excluded from coverage)")
+    parser.add_argument("--all", action="store_true", help="also list the INT8-eligible layers")
+    args = parser.parse_args(argv)
+    report = lint_onnx(args.onnx, skip_nodes=args.skip)
+    print(report.format_table(show_int8=args.all))
+    if args.json:
+        atomic_write_json(Path(args.json), report.to_dict())
+        LOG.info("wrote %s", args.json)
+    if args.strict and report.errors:
+        print(f"trt_qat: lint: {len(report.errors)} error(s) (--strict)", file=sys.stderr)
+        raise SystemExit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""`trt-qat qat`: the command line over :mod:`trt_qat.train.qat`."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from trt_qat.cli.args import ArgumentParser, cli_main
+from trt_qat.config import QATConfig, check_device
+from trt_qat.train.qat import finetune
+
+
+@cli_main
+def main(argv=None):
+    from trt_qat.cli.args import add_data_args, make_dataset, positive_float, positive_int
+
+    parser = ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
+                                     "calibrated checkpoint (scales frozen by default). Resumes from --out/last.pt.")
+    parser.add_argument("--checkpoint", required=True, help="calibrated checkpoint (trt-qat calibrate output)")
+    add_data_args(parser, default_split="train")
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per epoch")
+    parser.add_argument("--no-freeze-amax", action="store_true")
+    parser.add_argument("--out", default="runs/qat", help="checkpoint directory (last.pt, best.pt)")
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    from trt_qat import dist as dist_util
+    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.fileio import ensure_dir
+    from trt_qat.measure.evaluate import evaluate
+    from trt_qat.models.loss import detection_loss_fn
+    from trt_qat.quant.instrument import load_quantized
+    from trt_qat.runners.torch_runner import TorchRunner
+
+    # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
+    # --batch-size is per process
+    check_device(args.device)  # a bad --device is one line, before anything is written
+    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
+    with dist_util.torchrun_session(args.device) as (rank, world, device):
+        model, _ = load_quantized(args.checkpoint)
+        if device is not None:
+            model.to(device)
+        train = make_dataset(args, split=args.split, augment=False)
+        val = make_dataset(args, split="val") if rank == 0 else None
+        sampler = None
+        if world > 1:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
+        loader = build_dataloader(train, batch_size=args.batch_size, shuffle=True, sampler=sampler)
+        cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                        max_steps_per_epoch=args.max_steps, freeze_amax=not args.no_freeze_amax,
+                        device=str(device) if device is not None else None)
+        # resume only a run of this very checkpoint, data and settings (--out is often reused between runs)
+        ident = {k: v for k, v in vars(args).items() if k not in ("out", "no_resume", "device")}
+        ident["checkpoint_sha256"] = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
+        fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+        result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
+                          resume=not args.no_resume, fingerprint=fingerprint,
+                          eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
+        if rank == 0:
+            print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> "
+                  f"{out / 'best.pt'}" + (f" ({world} processes)" if world > 1 else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""`trt-qat train`: the command line over :mod:`trt_qat.train.fp32`."""
+from __future__ import annotations
+
+import argparse
+
+from trt_qat.cli.args import ArgumentParser, cli_main, imgsz, non_negative_int, positive_float, positive_int
+from trt_qat.train.fp32 import _OPTIMIZERS, train_fp32
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="trt-qat train", description="Train the built-in detector in FP32 "
+                                "(the baseline for PTQ and QAT).")
+    p.add_argument("--data", required=True, help="YOLO data.yaml with train and val splits")
+    p.add_argument("--model", default="yolo-n", help="yolo-n or yolo-s (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="default: %(default)s")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
+    p.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (default: 0.01 sgd, 0.002 adamw)")
+    p.add_argument("--optimizer", default="sgd", choices=sorted(_OPTIMIZERS), help="default: %(default)s")
+    p.add_argument("--out", default="runs/fp32/best.pt", help="best checkpoint (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="data-loader workers (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="evaluate every N epochs (default: epochs // 10)")
+    p.add_argument("--no-augment", action="store_true", help="disable the train-split augmentation")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = _build_parser().parse_args(argv)
+    train_fp32(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz,
+               lr=args.lr, out=args.out, seed=args.seed, workers=args.workers, device=args.device,
+               optimizer=args.optimizer, eval_every=args.eval_every, augment=not args.no_augment,
+               threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
