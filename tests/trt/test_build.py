@@ -39,30 +39,6 @@ def run_main_error(capsys, argv) -> str:
     return lines[0]
 
 
-# --- ONNX checks -----------------------------------------------------------------------------------------
-def test_onnx_facts(qdq_onnx, fp32_onnx):
-    model = be.load_onnx(qdq_onnx)
-    assert be.has_qdq(model) and be.has_qdq(qdq_onnx)
-    assert not be.has_qdq(fp32_onnx)
-    assert be.onnx_opset(model) == 13
-    assert be.onnx_inputs(model) == {"images": [None, 3, 8, 8]}
-    static = be.load_onnx(make_qdq_convnet(qdq_onnx.with_name("static.onnx"), batch=2))
-    assert be.onnx_inputs(static) == {"images": [2, 3, 8, 8]}
-
-
-def test_load_onnx_refuses_bad_files(tmp_path):
-    corrupt = tmp_path / "corrupt.onnx"
-    corrupt.write_bytes(b"\x08\x07\x12\xff\xff\xff garbage")
-    with pytest.raises(TrtQatError, match="corrupt or not an ONNX model"):
-        be.load_onnx(corrupt)
-    empty = tmp_path / "empty.onnx"
-    empty.write_bytes(b"")
-    with pytest.raises(TrtQatError, match="not an ONNX model"):
-        be.load_onnx(empty)
-    with pytest.raises(TrtQatError, match="does not exist"):
-        be.load_onnx(tmp_path / "missing.onnx")
-
-
 # --- shapes ----------------------------------------------------------------------------------------------
 def test_parse_shapes():
     assert be.parse_shapes("images:1x3x128x128") == {"images": (1, 3, 128, 128)}

@@ -42,7 +42,7 @@ def _source_info(args) -> dict:
         meta = read_engine_metadata(args.engine) or {}
         return {"model": str(args.engine), "precision": meta.get("precision"), "trt_version": meta.get("trt_version"),
                 "gpu_name": meta.get("gpu_name"), "engine_bytes": Path(args.engine).stat().st_size}
-    from trt_qat.trt.build import has_qdq, load_onnx
+    from trt_qat.onnx.io import has_qdq, load_onnx
 
     model = load_onnx(args.onnx)
     precision = "int8" if has_qdq(model) else "fp32"

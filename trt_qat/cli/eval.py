@@ -14,8 +14,8 @@ def _runner_from_args(args):
 
         return TrtRunner(args.engine), "trt", "int8/fp16 (engine)"
     if args.onnx:
+        from trt_qat.onnx.io import has_qdq, load_onnx
         from trt_qat.runners.onnxrt import OnnxrtRunner
-        from trt_qat.trt.build import has_qdq, load_onnx
 
         precision = "int8 (Q/DQ)" if has_qdq(load_onnx(args.onnx)) else "fp32"
         return OnnxrtRunner(args.onnx, providers=args.providers), "onnxruntime", precision

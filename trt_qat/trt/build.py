@@ -22,74 +22,22 @@ import time
 from pathlib import Path
 
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.fileio import atomic_write_bytes, atomic_write_json, require_file
+from trt_qat.fileio import atomic_write_bytes, atomic_write_json
+from trt_qat.onnx.io import has_qdq, load_onnx, onnx_inputs, onnx_opset
 from trt_qat.trt.plan import check_precision, default_engine_name, parse_trt_version, plan_build
 
-__all__ = ["build_engine", "has_qdq", "load_onnx", "onnx_opset", "onnx_inputs", "parse_shapes",
+__all__ = ["build_engine", "parse_shapes",
            "parse_batch", "resolve_profile", "check_engine_metadata", "read_engine_metadata", "metadata_path",
            "import_tensorrt", "gpu_info", "file_sha256", "TRT_INSTALL_HINT", "METADATA_FORMAT"]
 
 TRT_INSTALL_HINT = ("TensorRT is not installed: use the Docker image (docker/README.md) or install it from NVIDIA's "
                     "index (pip install tensorrt --extra-index-url https://pypi.nvidia.com)")
 METADATA_FORMAT = 1
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # CPU-side checks (no tensorrt)
 # ----------------------------------------------------------------------------------------------------------
-def load_onnx(path, load_external_data: bool = False):
-    """Load an ONNX file or raise a one-line TrtQatError saying it is missing, corrupt or not ONNX.
-
-    Args:
-        path (str | Path): the file.
-        load_external_data (bool): also load external weight files. Defaults to False (the graph is enough).
-
-    Returns:
-        onnx.ModelProto: the model.
-    """
-    import onnx
-
-    path = require_file(path, "ONNX file", "export one with `trt-qat export`")
-    try:
-        model = onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise TrtQatError(f"'{path}' is corrupt or not an ONNX model ({type(exc).__name__}); "
-                          "re-export it with `trt-qat export`") from None
-    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
-        raise TrtQatError(f"'{path}' is not an ONNX model (no graph nodes or outputs); "
-                          "re-export it with `trt-qat export`")
-    return model
-
-
-def has_qdq(model_or_path) -> bool:
-    """Whether the ONNX (model or path) has QuantizeLinear/DequantizeLinear nodes."""
-    model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
-    return any(n.op_type in _QDQ for n in model.graph.node)
-
-
-def onnx_opset(model) -> int:
-    """The default-domain ("" or "ai.onnx") opset version of the model, or 0 if none is declared."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 0
-
-
-def onnx_inputs(model) -> dict:
-    """``{name: [dim, ...]}`` of the graph's real inputs; a dynamic dimension is None."""
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        dims = []
-        for d in vi.type.tensor_type.shape.dim:
-            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None)
-        out[vi.name] = dims
-    return out
-
-
 def parse_shapes(text) -> dict:
     """Parse a trtexec shapes flag: ``"images:1x3x640x640,mask:1x1"`` -> ``{"images": (1, 3, 640, 640), ...}``.
 

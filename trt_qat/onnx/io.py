@@ -1,0 +1,67 @@
+"""The one ONNX loader, and the small questions every stage asks of an ONNX graph (Q/DQ present, opset, inputs).
+
+The linter, the FP16 pass, the engine builder, evaluation and the benchmark all load through :func:`load_onnx`,
+so a missing, corrupt or non-ONNX file is the same one-line error everywhere.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trt_qat.errors import TrtQatError
+from trt_qat.fileio import require_file
+
+__all__ = ["QDQ_OPS", "load_onnx", "has_qdq", "onnx_opset", "onnx_inputs"]
+
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def load_onnx(path, load_external_data: bool = False):
+    """Load an ONNX file or raise a one-line TrtQatError saying it is missing, corrupt or not ONNX.
+
+    Args:
+        path (str | Path): the file.
+        load_external_data (bool): also load external weight files. Defaults to False (the graph is enough).
+
+    Returns:
+        onnx.ModelProto: the model.
+    """
+    import onnx
+
+    path = require_file(path, "ONNX file", "export one with `trt-qat export`")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise TrtQatError(f"'{path}' is corrupt or not an ONNX model ({type(exc).__name__}); "
+                          "re-export it with `trt-qat export`") from None
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise TrtQatError(f"'{path}' is not an ONNX model (no graph nodes or outputs); "
+                          "re-export it with `trt-qat export`")
+    return model
+
+
+def has_qdq(model_or_path) -> bool:
+    """Whether the ONNX (model or path) has QuantizeLinear/DequantizeLinear nodes."""
+    model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    return any(n.op_type in QDQ_OPS for n in model.graph.node)
+
+
+def onnx_opset(model) -> int:
+    """The default-domain ("" or "ai.onnx") opset version of the model, or 0 if none is declared."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def onnx_inputs(model) -> dict:
+    """``{name: [dim, ...]}`` of the graph's real inputs; a dynamic dimension is None."""
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None)
+        out[vi.name] = dims
+    return out
