@@ -270,9 +270,9 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
     torch.set_num_threads(args.threads)
-    from trt_qat.quant.instrument import _quiet_absl
+    from trt_qat.quant.quantizer import quiet_absl
 
-    _quiet_absl()
+    quiet_absl()
     pass_rows, qmodel = time_passes(args)
     amax_rows = time_compute_amax(qmodel, args) if args.amax else []
     floor = None

@@ -66,7 +66,8 @@ def build_variant(name: str, device: str, imgsz: int = 128, seed: int = 0, chann
     from trt_qat.calibration.calibrate import calibrate
     from trt_qat.config import QuantConfig
     from trt_qat.models.yolo import build_model
-    from trt_qat.quant.instrument import iter_quantizers, quantize
+    from trt_qat.quant.instrument import quantize
+    from trt_qat.quant.quantizer import iter_quantizers
 
     torch.manual_seed(seed)
     model = build_model("yolo-n")
@@ -259,9 +260,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but no CUDA GPU is available")
-    from trt_qat.quant.instrument import _quiet_absl
+    from trt_qat.quant.quantizer import quiet_absl
 
-    _quiet_absl()
+    quiet_absl()
     if args.only:
         _only(args)
         return 0

@@ -15,7 +15,9 @@ with warnings.catch_warnings():  # pytorch-quantization 2.1.3 uses torch.jit.scr
     from trt_qat.config import CalibConfig, ExportConfig, QATConfig, QuantConfig  # noqa: E402
     from trt_qat.errors import TrtQatError  # noqa: E402
     from trt_qat.onnx.export import export_onnx  # noqa: E402
-    from trt_qat.quant.instrument import iter_quantizers, load_quantized, quantize, quantizer_summary, save_quantized  # noqa: E402
+    from trt_qat.quant.checkpoint import load_quantized, save_quantized
+    from trt_qat.quant.instrument import quantize, quantizer_summary
+    from trt_qat.quant.quantizer import iter_quantizers
     from trt_qat.train.qat import finetune  # noqa: E402
 
 __all__ = [

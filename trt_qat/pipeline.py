@@ -88,7 +88,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     from trt_qat.models.yolo import load_checkpoint
     from trt_qat.onnx.export import export_onnx
     from trt_qat.onnx.lint.linter import lint_onnx
-    from trt_qat.quant.instrument import quantize, quantizer_summary, save_quantized
+    from trt_qat.quant.checkpoint import save_quantized
+    from trt_qat.quant.instrument import quantize, quantizer_summary
     from trt_qat.report.write import write_report
     from trt_qat.runners.onnxrt import OnnxrtRunner
     from trt_qat.runners.torch_runner import TorchRunner

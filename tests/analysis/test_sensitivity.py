@@ -24,7 +24,7 @@ from trt_qat.analysis.sensitivity import (
     sqnr_metric,
 )
 from trt_qat.cli.sensitivity import main
-from trt_qat.quant.instrument import TrtQuantizer
+from trt_qat.quant.quantizer import TrtQuantizer
 
 
 class _Tiny(nn.Module):

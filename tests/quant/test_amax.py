@@ -5,7 +5,7 @@ import torch
 
 from trt_qat.quant import fake_quant as amax_mod
 from trt_qat.quant.fake_quant import HistogramMaxCalibrator, amax_entropy, amax_mse, amax_percentile, fake_quant
-from trt_qat.quant.instrument import TrtQuantizer
+from trt_qat.quant.quantizer import TrtQuantizer
 
 
 def _quantizer(amax, axis=None, native=True, unsigned=False):
@@ -176,7 +176,8 @@ def test_whole_model_loss_and_gradients_identical_to_torch_ops():
     from trt_qat.config import QuantConfig
     from trt_qat.models.loss import detection_loss_fn
     from trt_qat.models.yolo import build_model
-    from trt_qat.quant.instrument import iter_quantizers, quantize
+    from trt_qat.quant.instrument import quantize
+    from trt_qat.quant.quantizer import iter_quantizers
 
     torch.manual_seed(0)
     model = quantize(build_model("yolo-n"), QuantConfig())

@@ -7,7 +7,8 @@ from torch import nn
 import trt_qat
 from trt_qat.config import QuantConfig
 from trt_qat.errors import TrtQatError
-from trt_qat.quant.instrument import TrtQuantizer, check_amax
+from trt_qat.quant.instrument import check_amax
+from trt_qat.quant.quantizer import TrtQuantizer
 
 
 class Net(nn.Module):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.instrument import _enabled
+from trt_qat.quant.quantizer import quantizer_enabled
 
 __all__ = ["MODES", "list_layers", "layers_in_float", "set_layers_float", "baseline_scores", "layer_sensitivity",
            "sqnr", "sqnr_metric", "map_metric", "auto_skip", "skip_patterns", "format_table", "plot_sensitivity",
@@ -59,7 +59,7 @@ def _layer_table(model: nn.Module) -> dict:
         if _is_quantizer(module):
             continue
         owned = _owned_quantizers(module)
-        if owned and any(_enabled(q) for q in owned.values()):
+        if owned and any(quantizer_enabled(q) for q in owned.values()):
             table[name] = module
     return table
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from trt_qat.config import CALIB_METHODS, CalibConfig
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.instrument import iter_quantizers
+from trt_qat.quant.quantizer import iter_quantizers
 
 __all__ = ["batch_input", "collect_stats", "compute_amax", "calibrate", "save_amax", "load_amax"]
 
@@ -199,9 +199,9 @@ def save_amax(model: nn.Module, path) -> Path:
 
 def load_amax(model: nn.Module, path) -> int:
     """Load amax values written by :func:`save_amax`; returns how many quantizers were set."""
-    from trt_qat.quant.instrument import _read_checkpoint
+    from trt_qat.fileio import read_checkpoint
 
-    data = _read_checkpoint(path)
+    data = read_checkpoint(path)
     if not isinstance(data, dict) or data.get("format") != "trt_qat.amax/1":
         raise TrtQatError(f"'{path}' is not a trt_qat amax file; write one with save_amax() or `trt-qat calibrate`")
     quantizers = dict(iter_quantizers(model))

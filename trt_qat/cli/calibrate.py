@@ -7,7 +7,7 @@ from trt_qat.calibration.calibrate import calibrate, save_amax
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.config import CALIB_METHODS
 from trt_qat.errors import TrtQatError
-from trt_qat.quant.instrument import iter_quantizers
+from trt_qat.quant.quantizer import iter_quantizers
 
 
 @cli_main
@@ -31,7 +31,8 @@ def main(argv=None):
     from trt_qat.config import QuantConfig, check_device
     from trt_qat.data.yolo import build_dataloader
     from trt_qat.fileio import ensure_dir
-    from trt_qat.quant.instrument import quantize, save_quantized
+    from trt_qat.quant.checkpoint import save_quantized
+    from trt_qat.quant.instrument import quantize
 
     # torchrun --nproc_per_node N -m trt_qat calibrate ...: rank r calibrates images r, r+N, r+2N, ... (no padding,
     # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the

@@ -19,7 +19,7 @@ def main(argv=None):
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     args = parser.parse_args(argv)
     check_opset(args.opset)
-    from trt_qat.quant.instrument import load_model
+    from trt_qat.quant.checkpoint import load_model
 
     model, _, _ = load_model(args.checkpoint)
     export_onnx(model, torch.zeros(1, 3, args.imgsz, args.imgsz), args.output, opset=args.opset,

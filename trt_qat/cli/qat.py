@@ -33,7 +33,7 @@ def main(argv=None):
     from trt_qat.fileio import ensure_dir
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.loss import detection_loss_fn
-    from trt_qat.quant.instrument import load_quantized
+    from trt_qat.quant.checkpoint import load_quantized
     from trt_qat.runners.torch_runner import TorchRunner
 
     # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);

@@ -50,7 +50,8 @@ def main(argv=None):
     from trt_qat.config import check_device
     from trt_qat.data.yolo import YoloDataset, build_dataloader
     from trt_qat.fileio import atomic_write_json, atomic_write_text, ensure_dir
-    from trt_qat.quant.instrument import check_amax, load_quantized
+    from trt_qat.quant.checkpoint import load_quantized
+    from trt_qat.quant.instrument import check_amax
 
     device = check_device(args.device)
     if args.sqnr_batches < 1:

@@ -17,7 +17,8 @@ from torch import nn
 from trt_qat.config import check_opset
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_path
-from trt_qat.quant.instrument import check_amax, iter_quantizers
+from trt_qat.quant.instrument import check_amax
+from trt_qat.quant.quantizer import iter_quantizers
 
 __all__ = ["export_onnx", "fb_fake_quant"]
 

@@ -595,7 +595,7 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
     Raises:
         TrtQatError: when the model cannot run the sample input.
     """
-    from trt_qat.quant.instrument import TrtQuantizer
+    from trt_qat.quant.quantizer import TrtQuantizer
 
     if getattr(model, "trt_qat_rules_report", None) is not None:
         LOG.info("placement rules were already applied to this model; leaving it as it is")

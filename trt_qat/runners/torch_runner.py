@@ -78,7 +78,8 @@ def torch_runner_from_checkpoint(path, name: str | None = None):
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
     """
-    from trt_qat.quant.instrument import check_amax, load_model
+    from trt_qat.quant.checkpoint import load_model
+    from trt_qat.quant.instrument import check_amax
 
     model, _, quantized = load_model(path)
     if quantized:  # an uncalibrated quantizer would silently run in float (or give NaN)

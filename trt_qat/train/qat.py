@@ -17,7 +17,8 @@ from torch import nn
 from trt_qat.calibration.calibrate import set_weight_amax
 from trt_qat.config import QATConfig
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.instrument import check_amax, save_quantized
+from trt_qat.quant.checkpoint import save_quantized
+from trt_qat.quant.instrument import check_amax
 
 __all__ = ["finetune", "cosine_lr"]
 
@@ -103,10 +104,10 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
 
     state = None
     if ckdir and resume and (ckdir / "last.pt").is_file():
-        from trt_qat.quant.instrument import _read_checkpoint
+        from trt_qat.fileio import read_checkpoint
 
         try:
-            state = _read_checkpoint(ckdir / "last.pt")
+            state = read_checkpoint(ckdir / "last.pt")
         except TrtQatError as exc:
             raise TrtQatError(f"{exc}; or to start QAT afresh, delete {ckdir / 'last.pt'} (--no-resume ignores "
                               "it)") from None
@@ -129,7 +130,7 @@ def finetune(model: nn.Module, data, loss_fn, epochs: int | None = None, lr: flo
         history = state.get("history", [])
         best_score, best_epoch = state.get("best_score"), state.get("best_epoch")
         if (ckdir / "best.pt").is_file() and best_epoch is not None:
-            best_state = _read_checkpoint(ckdir / "best.pt")["state_dict"]
+            best_state = read_checkpoint(ckdir / "best.pt")["state_dict"]
         LOG.info("resuming QAT from %s (epoch %d of %d)", ckdir / "last.pt", start_epoch + 1, cfg.epochs)
 
     net = model  # what the loss runs: the DDP wrapper under torch.distributed (it averages the gradients)
