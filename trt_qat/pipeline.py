@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from trt_qat.config import PipelineConfig
@@ -39,34 +39,29 @@ def _versions() -> dict:
             "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
-def output_agreement(model, onnx_path, dataset, batches: int = 4, batch_size: int = 8) -> dict:
-    """Cosine similarity and max-abs difference between PyTorch and ONNX Runtime on the raw (pre-NMS) outputs."""
+def output_agreement(model, onnx_path, dataset, adapter, batches: int = 4, batch_size: int = 8) -> dict:
+    """Cosine similarity and max-abs difference between PyTorch and ONNX Runtime on the raw (pre-NMS) outputs of
+    the first ``batches`` batches of ``dataset`` (:func:`~trt_qat.measure.compare.compare_runners`)."""
     from trt_qat.data.yolo import build_dataloader
-    from trt_qat.measure.compare import compare_outputs
+    from trt_qat.measure.compare import compare_runners
     from trt_qat.runners.onnxrt import OnnxrtRunner
     from trt_qat.runners.torch_runner import TorchRunner
 
     loader = build_dataloader(dataset, batch_size=batch_size)
-    cos, max_abs, n = [], [], 0
-    with TorchRunner(model) as tr, OnnxrtRunner(onnx_path) as ortr:
-        for imgs, _, _ in loader:
-            feed = {"images": imgs.numpy()}
-            res = compare_outputs(tr.infer(feed), ortr.infer(feed))
-            cos += [r["cosine"] for r in res]
-            max_abs += [r["max_abs"] for r in res]
-            n += 1
-            if n >= batches:
-                break
-    return {"cosine_min": float(min(cos)), "max_abs": float(max(max_abs)), "batches": n}
+    feeds = ({adapter.input_names[0]: imgs.numpy()} for imgs, _, _ in itertools.islice(loader, batches))
+    report = compare_runners([TorchRunner(model, input_name=adapter.input_names[0], output_names=adapter.output_names),
+                              OnnxrtRunner(onnx_path)], feeds)
+    rows = report["pairs"][0]["outputs"]
+    return {"cosine_min": float(min(r["cosine"] for r in rows)), "max_abs": float(max(r["max_abs"] for r in rows)),
+            "batches": report["n_feeds"]}
 
 
-def _ort_latency(onnx_path, imgsz: int, threads: int | None) -> dict:
-    from trt_qat.measure.benchmark import benchmark
+def _ort_latency(onnx_path, threads: int | None) -> dict:
+    from trt_qat.measure.benchmark import benchmark, make_feed
     from trt_qat.runners.onnxrt import OnnxrtRunner
 
-    feed = {"images": np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)}
     with OnnxrtRunner(onnx_path, intra_op_threads=threads) as runner:
-        res = benchmark(runner, feed, warmup_ms=300, duration_s=1.5, iterations=20)
+        res = benchmark(runner, make_feed(runner, batch=1), warmup_ms=300, duration_s=1.5, iterations=20)
     lat = res["Latency"]
     return {"latency_ms_p50": lat["median"], "latency_ms_p99": lat["p99"], "qps": res["Throughput (qps)"]}
 
@@ -82,10 +77,9 @@ def _state_size_mb(model) -> float:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage for ``cfg``; returns the path of report.md."""
     from trt_qat.calibration.calibrate import collect_stats, compute_amax, save_amax
-    from trt_qat.data.yolo import YoloDataset, build_dataloader, write_image_list
+    from trt_qat.data.yolo import build_dataloader, write_image_list
     from trt_qat.measure.evaluate import evaluate
-    from trt_qat.models.loss import detection_loss_fn
-    from trt_qat.models.yolo import load_checkpoint
+    from trt_qat.models.adapter import load_fp32
     from trt_qat.onnx.export import export_onnx
     from trt_qat.onnx.lint.linter import lint_onnx
     from trt_qat.quant.checkpoint import save_quantized
@@ -93,6 +87,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     from trt_qat.report.write import write_report
     from trt_qat.runners.onnxrt import OnnxrtRunner
     from trt_qat.runners.torch_runner import TorchRunner
+    from trt_qat.train.loop import run_fingerprint
     from trt_qat.train.qat import finetune
 
     t_start = time.time()
@@ -111,23 +106,26 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         data_yaml = generate_digits_det(data_yaml.parent)
     if not cfg.model.checkpoint:
         raise TrtQatError("model.checkpoint is not set; train a baseline with `trt-qat train` and set it in the config")
-    fp32, _ = load_checkpoint(cfg.model.checkpoint)
-    held = (getattr(fp32, "cfg", None) or {}).get("name")
+    fp32, adapter = load_fp32(cfg.model.checkpoint)
+    held = adapter.model_name(fp32)
     if cfg.model.name and held and held != cfg.model.name:
         raise TrtQatError(f"model.checkpoint '{cfg.model.checkpoint}' holds {held}, but model.name is "
                           f"{cfg.model.name}; set model.name: {held} or point model.checkpoint at a {cfg.model.name}")
     fp32.eval()
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
-    val = YoloDataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
-    calib_ds = YoloDataset(data_yaml, cfg.data.calib_split, imgsz=imgsz)
-    train = YoloDataset(data_yaml, cfg.data.train_split, imgsz=imgsz, max_images=cfg.data.max_train_images)
+    val = adapter.dataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
+    calib_ds = adapter.dataset(data_yaml, cfg.data.calib_split, imgsz=imgsz)
+    train = adapter.dataset(data_yaml, cfg.data.train_split, imgsz=imgsz, max_images=cfg.data.max_train_images)
     write_image_list(calib_ds.image_paths, calib_dir / "calib_images.txt")
     rows, stages = [], {}
 
     def ev(model_or_runner, name):
-        runner = model_or_runner if hasattr(model_or_runner, "infer") else TorchRunner(model_or_runner, name=name)
+        runner = model_or_runner
+        if not hasattr(runner, "infer"):
+            runner = TorchRunner(model_or_runner, input_name=adapter.input_names[0],
+                                 output_names=adapter.output_names, name=name)
         t0 = time.time()
-        res = evaluate(runner, val, batch_size=bs, desc=f"eval {name}")
+        res = evaluate(runner, val, batch_size=bs, desc=f"eval {name}", adapter=adapter)
         LOG.info("%-22s mAP50 %.4f  mAP50-95 %.4f  (%.0fs)", name, res["map50"], res["map50_95"], time.time() - t0)
         return res
 
@@ -140,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     # 2. PTQ: one statistics pass, every method
     t0 = time.time()
-    sample = torch.zeros(1, 3, imgsz, imgsz)
+    sample = adapter.sample_input(imgsz)
     qmodel = quantize(copy.deepcopy(fp32), cfg.quant, sample_input=sample)
     calib_loader = build_dataloader(calib_ds, batch_size=bs)
     collect_stats(qmodel, calib_loader, num_batches=cfg.calib.num_batches, histogram=True)
@@ -164,7 +162,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     sections, images = [], []
     if cfg.run.sensitivity:
         t0 = time.time()
-        from trt_qat.analysis.sensitivity import layer_sensitivity, map_metric, plot_sensitivity, sensitivity_section
+        from trt_qat.analysis.format import plot_sensitivity, sensitivity_section
+        from trt_qat.analysis.metrics import map_metric
+        from trt_qat.analysis.sensitivity import layer_sensitivity
 
         n_img = min(len(val), 64)
         results = layer_sensitivity(ptq_model, map_metric(val, batch_size=bs, max_images=n_img),
@@ -179,11 +179,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     torch.manual_seed(cfg.run.seed)
     train_loader = build_dataloader(train, batch_size=bs, shuffle=True, workers=cfg.data.workers)
-    import hashlib
-
-    fingerprint = hashlib.sha256(json.dumps([cfg.to_dict(), best_method], sort_keys=True, default=str).encode()
-                                 + Path(cfg.model.checkpoint).read_bytes()).hexdigest()
-    qat_result = finetune(qmodel, train_loader, detection_loss_fn(qmodel), config=cfg.qat,
+    fingerprint = run_fingerprint([cfg.to_dict(), best_method], fp32)
+    qat_result = finetune(qmodel, train_loader, adapter.loss_fn(qmodel), config=cfg.qat,
                           eval_fn=lambda m: ev(m, "QAT (epoch) torch")["map50_95"],
                           checkpoint_dir=work / "qat", fingerprint=fingerprint)
     r = ev(qmodel, "QAT torch")
@@ -194,12 +191,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     # 4. export
     t0 = time.time()
-    onnx_fp32 = export_onnx(fp32, sample, work / "model_fp32.onnx", opset=cfg.export.opset,
-                            dynamic_batch=cfg.export.dynamic_batch)
-    onnx_ptq = export_onnx(ptq_model, sample, work / "model_ptq_qdq.onnx", opset=cfg.export.opset,
-                           dynamic_batch=cfg.export.dynamic_batch)
-    onnx_qat = export_onnx(qmodel, sample, work / "model_qat_qdq.onnx", opset=cfg.export.opset,
-                           dynamic_batch=cfg.export.dynamic_batch)
+    onnx_fp32, onnx_ptq, onnx_qat = (
+        export_onnx(model, sample, work / name, opset=cfg.export.opset, dynamic_batch=cfg.export.dynamic_batch,
+                    input_names=adapter.input_names, output_names=adapter.output_names)
+        for model, name in ((fp32, "model_fp32.onnx"), (ptq_model, "model_ptq_qdq.onnx"),
+                            (qmodel, "model_qat_qdq.onnx")))
     stages["export_s"] = time.time() - t0
 
     # 5. ONNX Runtime
@@ -209,11 +205,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                                 ("QAT", onnx_qat, "int8 (Q/DQ)")):
         with OnnxrtRunner(path, name=f"{variant} ort") as runner:
             r = ev(runner, f"{variant} ort")
-        lat = _ort_latency(path, imgsz, cfg.run.threads)
+        lat = _ort_latency(path, cfg.run.threads)
         ort_rows[variant] = r
         rows.append({"variant": variant, "backend": "onnxruntime-cpu", "precision": prec, "batch": 1, **_m(r), **lat,
                      "size_mb": _size_mb(path)})
-    agreement = output_agreement(qmodel, onnx_qat, val)
+    agreement = output_agreement(qmodel, onnx_qat, val, adapter)
     agreement["map50_95_torch"] = qat_torch["map50_95"]
     agreement["map50_95_ort"] = ort_rows["QAT"]["map50_95"]
     agreement["map50_95_diff_pts"] = 100 * abs(qat_torch["map50_95"] - ort_rows["QAT"]["map50_95"])

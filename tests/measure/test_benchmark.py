@@ -184,7 +184,8 @@ def test_benchmark_trt_engine(tmp_path, qdq_onnx):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (use the Docker image, docker/README.md)")
     pytest.importorskip("pycuda.driver", reason="pycuda is not installed")
     from trt_qat.runners.trt import TrtRunner
-    from trt_qat.trt.build import build_engine, gpu_info
+    from trt_qat.trt.build import build_engine
+    from trt_qat.trt.util import gpu_info
 
     if gpu_info()["compute_capability"] is None:
         pytest.skip("no CUDA GPU visible")

@@ -16,8 +16,9 @@ def test_engine_map_matches_onnxruntime(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (use the Docker image, docker/README.md)")
     pytest.importorskip("pycuda", reason="pycuda is not installed (pip install trt-qat[trt])")
     from trt_qat.trt import build as be
+    from trt_qat.trt.util import gpu_info
 
-    if be.gpu_info()["compute_capability"] is None:
+    if gpu_info()["compute_capability"] is None:
         pytest.skip("no CUDA GPU visible")
     import trt_qat
     from trt_qat.data.digits_det import generate_digits_det

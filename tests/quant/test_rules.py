@@ -377,7 +377,8 @@ def test_bottleneck_chain_quantizes_functional_add_outputs_at_the_block():
 def test_quant_skip_matches_the_skip_input_quantizers_sensitivity_reports():
     """sensitivity names a residual Add's skip-input quantizer '<producer>._trt_qat_output_quantizers'; the
     pattern auto-skip writes for that name keeps that Add in float, and nothing else."""
-    from trt_qat.analysis.sensitivity import list_layers, skip_patterns
+    from trt_qat.analysis.sensitivity import skip_patterns
+    from trt_qat.analysis.toggle import list_layers
 
     layer = "m.0._trt_qat_output_quantizers"
     assert layer in list_layers(_quantized(BottleneckNet(n=3), (1, 3, 16, 16)))

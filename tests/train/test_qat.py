@@ -6,7 +6,7 @@ from torch import nn
 import trt_qat
 from trt_qat.config import QATConfig, QuantConfig
 from trt_qat.errors import TrtQatError
-from trt_qat.train.qat import cosine_lr
+from trt_qat.train.loop import warmup_cosine
 
 
 def _setup(seed=0):
@@ -26,9 +26,9 @@ def loss_fn(m, batch):
 
 
 def test_cosine_schedule():
-    assert cosine_lr(0, 10, 1.0, 0.01) == pytest.approx(1.0)
-    assert cosine_lr(9, 10, 1.0, 0.01) == pytest.approx(0.01)
-    vals = [cosine_lr(s, 10, 1.0, 0.01) for s in range(10)]
+    assert warmup_cosine(0, 10, 1.0, 0.01) == pytest.approx(1.0)
+    assert warmup_cosine(9, 10, 1.0, 0.01) == pytest.approx(0.01)
+    vals = [warmup_cosine(s, 10, 1.0, 0.01) for s in range(10)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
 
 

@@ -1,8 +1,8 @@
-"""build_engine: every CPU-side check for real (ONNX, Q/DQ, opset, shapes, metadata); builds marked gpu."""
+"""trt.build: build_engine's CPU-side checks for real through the CLI (ONNX, Q/DQ, opset, shape flags, missing
+TensorRT); builds marked gpu. Shape parsing and metadata have their own tests (test_profile, test_metadata)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 
@@ -12,8 +12,9 @@ import pytest
 from fixtures_onnx import make_qdq_convnet
 
 from trt_qat.cli import build as build_cli
-from trt_qat.errors import TrtQatError
-from trt_qat.trt import build as be
+from trt_qat.trt.build import build_engine
+from trt_qat.trt.metadata import file_sha256, read_engine_metadata
+from trt_qat.trt.util import gpu_info
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -37,85 +38,6 @@ def run_main_error(capsys, argv) -> str:
     assert len(lines) == 1, lines
     assert lines[0].startswith("trt_qat: error: ")
     return lines[0]
-
-
-# --- shapes ----------------------------------------------------------------------------------------------
-def test_parse_shapes():
-    assert be.parse_shapes("images:1x3x128x128") == {"images": (1, 3, 128, 128)}
-    assert be.parse_shapes("'images':4x3x8x8, mask:1x1") == {"images": (4, 3, 8, 8), "mask": (1, 1)}
-    assert be.parse_shapes("encoder:input:2x5") == {"encoder:input": (2, 5)}
-    assert be.parse_shapes(None) == {} and be.parse_shapes("") == {}
-    for bad, msg in (("images", "NAME:DxDxD"), ("images:1x3xAx8", "integers"), ("images:1x0x8", "<= 0"),
-                     ("a:1x2,a:1x2", "twice"), (":1x2", "NAME:DxDxD")):
-        with pytest.raises(TrtQatError, match=msg):
-            be.parse_shapes(bad)
-
-
-def test_parse_batch():
-    assert be.parse_batch("1:8:16") == (1, 8, 16)
-    assert be.parse_batch("4") == (4, 4, 4)
-    assert be.parse_batch("1:16") == (1, 16, 16)
-    for bad in ("a:b:c", "1:2:3:4", "8:4:16", "0:1:2"):
-        with pytest.raises(TrtQatError):
-            be.parse_batch(bad)
-
-
-def test_resolve_profile():
-    inputs = {"images": [None, 3, 8, 8]}
-    assert be.resolve_profile(inputs, batch="1:4:8") == {
-        "images": ((1, 3, 8, 8), (4, 3, 8, 8), (8, 3, 8, 8))}
-    assert be.resolve_profile(inputs, "images:1x3x8x8", "images:2x3x8x8", "images:4x3x8x8") == {
-        "images": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))}
-    # opt only: min = max = opt
-    assert be.resolve_profile(inputs, opt_shapes="images:2x3x8x8")["images"] == ((2, 3, 8, 8),) * 3
-    # dynamic batch and no flags: batch 1
-    assert be.resolve_profile(inputs) == {"images": ((1, 3, 8, 8),) * 3}
-    assert be.resolve_profile({"images": [1, 3, 8, 8]}) == {}
-    cases = [
-        (dict(min_shapes="x:1x3x8x8"), "unknown inputs"),
-        (dict(opt_shapes="images:1x3x8"), "rank 3"),
-        (dict(opt_shapes="images:1x3x9x8"), "fixes it at 8"),
-        (dict(min_shapes="images:4x3x8x8", max_shapes="images:2x3x8x8", opt_shapes="images:3x3x8x8"), "min <= opt"),
-        (dict(batch="1:2:4", opt_shapes="images:1x3x8x8"), "either --batch"),
-    ]
-    for kwargs, msg in cases:
-        with pytest.raises(TrtQatError, match=msg):
-            be.resolve_profile(inputs, **kwargs)
-    with pytest.raises(TrtQatError, match="dynamic non-batch"):
-        be.resolve_profile({"images": [None, 3, None, None]}, batch="1:1:2")
-    with pytest.raises(TrtQatError, match="dynamic dimensions"):
-        be.resolve_profile({"images": [None, 3, None, None]})
-    with pytest.raises(TrtQatError, match="fixed batch of 1"):
-        be.resolve_profile({"images": [1, 3, 8, 8]}, batch="1:2:4")
-
-
-# --- metadata ---------------------------------------------------------------------------------------------
-META = {"engine": "net.engine", "onnx": "net.onnx", "precision": "int8", "trt_version": "10.3.0.26",
-        "gpu_name": "Orin", "compute_capability": "8.7"}
-
-
-def test_check_engine_metadata():
-    assert be.check_engine_metadata(META, "10.3.0.26", "Orin", "8.7") == []
-    assert be.check_engine_metadata(META, "10.3.0.30", "Orin", (8, 7)) == []  # same major.minor.patch
-    with pytest.raises(TrtQatError, match="built with TensorRT 10.3.0.26 but this is TensorRT 8.6.2.3") as exc:
-        be.check_engine_metadata(META, "8.6.2.3", "Orin", "8.7")
-    assert "python -m trt_qat.build_engine --onnx net.onnx --precision int8" in str(exc.value)
-    with pytest.raises(TrtQatError, match="compute capability 8.7"):
-        be.check_engine_metadata(META, "10.3.0.26", "NVIDIA A100", "8.0")
-    warnings = be.check_engine_metadata(META, "10.3.0.26", "Other Orin", "8.7")
-    assert len(warnings) == 1 and "Other Orin" in warnings[0]
-    assert "no metadata" in be.check_engine_metadata(None, "10.3", "x", "8.7")[0]
-
-
-def test_metadata_files(tmp_path):
-    engine = tmp_path / "a.engine"
-    assert be.metadata_path(engine).name == "a.engine.json"
-    assert be.read_engine_metadata(engine) is None
-    be.metadata_path(engine).write_text(json.dumps(META))
-    assert be.read_engine_metadata(engine)["trt_version"] == "10.3.0.26"
-    be.metadata_path(engine).write_text("{not json")
-    with pytest.raises(TrtQatError, match="cannot be read"):
-        be.read_engine_metadata(engine)
 
 
 # --- CLI: one line and exit 2 for each bad input -------------------------------------------------------------
@@ -181,7 +103,8 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_modules_import_without_tensorrt_pycuda_onnxruntime():
-    code = ("import sys; import trt_qat.build_engine, trt_qat.trt.plan, trt_qat.trt.build, trt_qat.onnx.fp16, "
+    code = ("import sys; import trt_qat.build_engine, trt_qat.trt.plan, trt_qat.trt.build, trt_qat.trt.profile, "
+            "trt_qat.trt.metadata, trt_qat.trt.util, trt_qat.onnx.fp16, "
             "trt_qat.benchmark, trt_qat.measure.compare, trt_qat.runners.trt, trt_qat.runners.onnxrt; "
             "heavy = [m for m in ('tensorrt', 'pycuda', 'onnxruntime') if m in sys.modules]; "
             "assert not heavy, heavy")
@@ -191,7 +114,7 @@ def test_modules_import_without_tensorrt_pycuda_onnxruntime():
 # --- GPU: real builds -------------------------------------------------------------------------------------
 def _require_trt_gpu():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (use the Docker image, docker/README.md)")
-    info = be.gpu_info()
+    info = gpu_info()
     if info["compute_capability"] is None:
         pytest.skip("no CUDA GPU visible")
 
@@ -204,12 +127,12 @@ def test_build_each_precision(tmp_path, qdq_onnx, fp32_onnx, precision):
 
     onnx_path = qdq_onnx if precision == "int8" else fp32_onnx
     cache = tmp_path / "timing.cache"
-    engine = be.build_engine(onnx_path, tmp_path / f"net_{precision}.engine", precision=precision,
-                             shapes={"images": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))}, timing_cache=str(cache))
+    engine = build_engine(onnx_path, tmp_path / f"net_{precision}.engine", precision=precision,
+                          shapes={"images": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))}, timing_cache=str(cache))
     assert engine.is_file() and engine.stat().st_size > 0 and cache.is_file()
-    meta = be.read_engine_metadata(engine)
+    meta = read_engine_metadata(engine)
     assert meta["trt_version"] == trt.__version__ and meta["precision"] == precision
-    assert meta["onnx_sha256"] == be.file_sha256(onnx_path)
+    assert meta["onnx_sha256"] == file_sha256(onnx_path)
     assert meta["profile"]["images"] == [[1, 3, 8, 8], [2, 3, 8, 8], [4, 3, 8, 8]]
     assert meta["compute_capability"] and meta["build_seconds"] > 0
 
@@ -230,7 +153,7 @@ def test_build_strongly_typed_on_trt10(tmp_path, qdq_onnx):
 
     if int(trt.__version__.split(".")[0]) < 10:
         pytest.skip(f"strongly typed needs TensorRT >= 10, this is {trt.__version__}")
-    engine = be.build_engine(qdq_onnx, tmp_path / "strong.engine", precision="int8", strongly_typed=True,
-                             timing_cache=None)
-    meta = be.read_engine_metadata(engine)
+    engine = build_engine(qdq_onnx, tmp_path / "strong.engine", precision="int8", strongly_typed=True,
+                          timing_cache=None)
+    meta = read_engine_metadata(engine)
     assert meta["strongly_typed"] and meta["onnx_converted_to_fp16"] and meta["builder_flags"] == []

@@ -132,17 +132,21 @@ def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val"):
 
 
 def load_fp32_model(args):
-    from trt_qat.models.yolo import load_checkpoint
+    """``(model, adapter)``: the FP32 model of ``--checkpoint`` through its family's adapter, checked against
+    ``--model``."""
+    from trt_qat.models.adapter import load_fp32
 
-    model, _ = load_checkpoint(args.checkpoint)
-    if getattr(args, "model", None) and model.cfg.get("name") != args.model:
-        raise TrtQatError(f"checkpoint '{args.checkpoint}' holds {model.cfg.get('name')}, not {args.model}; drop "
+    model, adapter = load_fp32(args.checkpoint)
+    held = adapter.model_name(model)
+    if getattr(args, "model", None) and held != args.model:
+        raise TrtQatError(f"checkpoint '{args.checkpoint}' holds {held}, not {args.model}; drop "
                           "--model or pass the matching checkpoint")
-    return model
+    return model, adapter
 
 
-def make_dataset(args, split: str, augment: bool = False):
-    from trt_qat.data.yolo import YoloDataset
+def make_dataset(args, split: str, augment: bool = False, adapter=None):
+    """The ``--data`` split ``split``, read the way the model family (``adapter``, default built-in) reads it."""
+    from trt_qat.models.adapter import get_adapter
 
-    return YoloDataset(args.data, split=split, imgsz=args.imgsz, augment=augment,
-                       max_images=getattr(args, "max_images", None))
+    return (adapter or get_adapter()).dataset(args.data, split, imgsz=args.imgsz, augment=augment,
+                                              max_images=getattr(args, "max_images", None))

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _source_info(args) -> dict:
     if args.engine:
-        from trt_qat.trt.build import read_engine_metadata
+        from trt_qat.trt.metadata import read_engine_metadata
 
         meta = read_engine_metadata(args.engine) or {}
         return {"model": str(args.engine), "precision": meta.get("precision"), "trt_version": meta.get("trt_version"),
@@ -62,7 +62,7 @@ def main(argv=None):
         raise TrtQatError("--backend ort needs --onnx (ONNX Runtime cannot run a TensorRT engine file)")
     if args.batch is not None and args.batch < 1:
         raise TrtQatError(f"--batch must be >= 1, got {args.batch}")
-    from trt_qat.trt.build import parse_shapes
+    from trt_qat.trt.profile import parse_shapes
 
     shapes = parse_shapes(args.shapes)
     info = _source_info(args)

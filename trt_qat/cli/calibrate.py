@@ -40,8 +40,8 @@ def main(argv=None):
     check_device(args.device)  # a bad --device is one line, before anything is written
     out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
     with dist_util.torchrun_session(args.device) as (rank, world, device):
-        model = load_fp32_model(args)
-        dataset = make_dataset(args, split=args.split)
+        model, adapter = load_fp32_model(args)
+        dataset = make_dataset(args, split=args.split, adapter=adapter)
         if world > 1:
             if len(dataset) < world:  # an empty shard would skip the collectives the other ranks make
                 raise TrtQatError(f"{len(dataset)} calibration images for {world} processes; give every process at "
@@ -49,8 +49,7 @@ def main(argv=None):
             dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
         loader = build_dataloader(dataset, batch_size=args.batch_size)
         qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)
-        sample = torch.zeros(1, 3, args.imgsz, args.imgsz)
-        quantize(model, qcfg, sample_input=sample)
+        quantize(model, qcfg, sample_input=adapter.sample_input(args.imgsz))
         if device is not None:
             model.to(device)
         calibrate(model, loader, method=args.method, percentile=args.percentile, num_batches=args.num_batches,

@@ -45,7 +45,7 @@ def main(argv=None):
     setup_logging(args.verbose)
     from trt_qat.measure.benchmark import make_feed
     from trt_qat.runners.onnxrt import OnnxrtRunner
-    from trt_qat.trt.build import parse_shapes
+    from trt_qat.trt.profile import parse_shapes
 
     if args.num_inputs < 1:
         raise TrtQatError(f"--num-inputs must be >= 1, got {args.num_inputs}")

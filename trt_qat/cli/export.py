@@ -1,8 +1,6 @@
 """`trt-qat export`: the command line over :mod:`trt_qat.onnx.export`."""
 from __future__ import annotations
 
-import torch
-
 from trt_qat.cli.args import ArgumentParser, cli_main, imgsz
 from trt_qat.config import check_opset
 from trt_qat.onnx.export import export_onnx
@@ -19,11 +17,14 @@ def main(argv=None):
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     args = parser.parse_args(argv)
     check_opset(args.opset)
+    from trt_qat.models.adapter import adapter_for_model
     from trt_qat.quant.checkpoint import load_model
 
     model, _, _ = load_model(args.checkpoint)
-    export_onnx(model, torch.zeros(1, 3, args.imgsz, args.imgsz), args.output, opset=args.opset,
-                dynamic_batch=not args.static_batch)
+    adapter = adapter_for_model(model)
+    export_onnx(model, adapter.sample_input(args.imgsz), args.output, opset=args.opset,
+                dynamic_batch=not args.static_batch, input_names=adapter.input_names,
+                output_names=adapter.output_names)
     print(f"exported {args.output}")
     return 0
 

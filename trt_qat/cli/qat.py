@@ -1,10 +1,6 @@
 """`trt-qat qat`: the command line over :mod:`trt_qat.train.qat`."""
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.config import QATConfig, check_device
 from trt_qat.train.qat import finetune
@@ -32,9 +28,10 @@ def main(argv=None):
     from trt_qat.data.yolo import build_dataloader
     from trt_qat.fileio import ensure_dir
     from trt_qat.measure.evaluate import evaluate
-    from trt_qat.models.loss import detection_loss_fn
+    from trt_qat.models.adapter import adapter_for_model
     from trt_qat.quant.checkpoint import load_quantized
     from trt_qat.runners.torch_runner import TorchRunner
+    from trt_qat.train.loop import run_fingerprint
 
     # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
     # --batch-size is per process
@@ -42,10 +39,14 @@ def main(argv=None):
     out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
     with dist_util.torchrun_session(args.device) as (rank, world, device):
         model, _ = load_quantized(args.checkpoint)
+        adapter = adapter_for_model(model)
+        # resume only a run of this very model, data and settings (--out is often reused between runs)
+        fingerprint = run_fingerprint({k: v for k, v in vars(args).items()
+                                       if k not in ("checkpoint", "out", "no_resume", "device")}, model)
         if device is not None:
             model.to(device)
-        train = make_dataset(args, split=args.split, augment=False)
-        val = make_dataset(args, split="val") if rank == 0 else None
+        train = make_dataset(args, split=args.split, augment=False, adapter=adapter)
+        val = make_dataset(args, split="val", adapter=adapter) if rank == 0 else None
         sampler = None
         if world > 1:
             from torch.utils.data.distributed import DistributedSampler
@@ -55,13 +56,10 @@ def main(argv=None):
         cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                         max_steps_per_epoch=args.max_steps, freeze_amax=not args.no_freeze_amax,
                         device=str(device) if device is not None else None)
-        # resume only a run of this very checkpoint, data and settings (--out is often reused between runs)
-        ident = {k: v for k, v in vars(args).items() if k not in ("out", "no_resume", "device")}
-        ident["checkpoint_sha256"] = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()
-        fingerprint = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
-        result = finetune(model, loader, detection_loss_fn(model), config=cfg, checkpoint_dir=out,
+        result = finetune(model, loader, adapter.loss_fn(model), config=cfg, checkpoint_dir=out,
                           resume=not args.no_resume, fingerprint=fingerprint,
-                          eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size)["map50_95"])
+                          eval_fn=lambda m: evaluate(TorchRunner(m), val, batch_size=args.batch_size,
+                                                     adapter=adapter)["map50_95"])
         if rank == 0:
             print(f"QAT done: best mAP50-95 {result['best_score']:.4f} at epoch {result['best_epoch']} -> "
                   f"{out / 'best.pt'}" + (f" ({world} processes)" if world > 1 else ""))

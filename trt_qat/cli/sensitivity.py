@@ -1,27 +1,43 @@
-"""`trt-qat sensitivity`: the command line over :mod:`trt_qat.analysis.sensitivity`."""
+"""`trt-qat sensitivity`: the command line over :mod:`trt_qat.analysis.sensitivity`, and its sensitivity.md."""
 from __future__ import annotations
 
 import re
 import time
 
-from trt_qat.analysis.sensitivity import (
-    MODES,
-    _markdown,
-    auto_skip,
-    baseline_scores,
-    layer_sensitivity,
-    layers_in_float,
-    list_layers,
-    map_metric,
-    plot_sensitivity,
-    sqnr_metric,
-)
+from trt_qat.analysis.format import format_table, plot_sensitivity
+from trt_qat.analysis.metrics import SQNR_CAP_DB, map_metric, sqnr_metric
+from trt_qat.analysis.sensitivity import MODES, auto_skip, baseline_scores, layer_sensitivity
+from trt_qat.analysis.toggle import layers_in_float, list_layers
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.errors import TrtQatError
 
 
 def _has_labels(dataset) -> bool:
     return any(len(lb) for lb in getattr(dataset, "labels", []))
+
+
+def _markdown(summary: dict, results, unit: str) -> str:
+    """The run's sensitivity.md: the summary, the ranked table, the chart and the auto-skip list if any."""
+    b = summary["baseline"]
+    md = ["# Per-layer quantization sensitivity", "",
+          f"- checkpoint: `{summary['checkpoint']}`",
+          f"- metric: {summary['metric']} ({unit}) on {summary['images']} images of split `{summary['split']}`",
+          f"- FP32 (all quantizers bypassed): {b['fp32']:.5g}; all quantized (PTQ): {b['quantized']:.5g}",
+          f"- layers evaluated: {summary['layers']}, modes: {', '.join(summary['modes'])}, "
+          f"{summary['seconds']:.1f} s", "",
+          "leave-one-out: Δ = score with that layer in float - score with all layers quantized. "
+          "only-one: Δ = FP32 score - score with only that layer quantized. Positive Δ: the layer hurts."
+          + (f" The FP32 SQNR is the {SQNR_CAP_DB:g} dB cap (no noise), so only-one Δ ranks layers but its size "
+             "is not a loss." if unit == "dB" else ""), "",
+          format_table(results, unit), "", "![sensitivity](sensitivity.png)", ""]
+    skip = summary.get("auto_skip")
+    if skip:
+        md += ["## Auto-skip", "",
+               f"target: {skip['target']} {skip['target_unit']}; reached: {skip['reached']}; final score "
+               f"{skip['score']:.5g}; {len(skip['skip'])} layers left in float (`skip.yaml`):", ""]
+        md += [f"- `{p}`" for p in skip["skip"]] or ["- (none needed)"]
+        md.append("")
+    return "\n".join(md)
 
 
 @cli_main

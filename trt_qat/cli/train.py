@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from trt_qat.cli.args import ArgumentParser, cli_main, imgsz, non_negative_int, positive_float, positive_int
-from trt_qat.train.fp32 import _OPTIMIZERS, train_fp32
+from trt_qat.train.fp32 import train_fp32
+from trt_qat.train.loop import OPTIMIZERS
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size (default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: 0.01 sgd, 0.002 adamw)")
-    p.add_argument("--optimizer", default="sgd", choices=sorted(_OPTIMIZERS), help="default: %(default)s")
+    p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS), help="default: %(default)s")
     p.add_argument("--out", default="runs/fp32/best.pt", help="best checkpoint (default: %(default)s)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="default: %(default)s")
     p.add_argument("--workers", type=non_negative_int, default=0, help="data-loader workers (default: %(default)s)")

@@ -1,8 +1,8 @@
 """COCO mAP of a detector through any runner (PyTorch, ONNX Runtime, TensorRT).
 
-Every backend goes through the same steps: letterboxed batches from the dataset -> ``runner.infer`` -> the first
-output (decoded ``[B, N, 5 + nc]``) -> :func:`~trt_qat.models.postprocess.non_max_suppression` -> boxes mapped
-back to original-image pixels -> pycocotools ``COCOeval``. pycocotools is imported lazily.
+Every backend goes through the same steps: letterboxed batches from the dataset -> ``runner.infer`` -> the model
+family's :meth:`~trt_qat.models.adapter.ModelAdapter.decode` (decoding and NMS) -> boxes mapped back to
+original-image pixels -> pycocotools ``COCOeval``. pycocotools is imported lazily.
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ def _batches(dataset, batch_size: int, max_images):
 
 
 def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0.001, iou_thres: float = 0.6,
-                    max_images=None, max_det: int = 300, pad_to_batch: bool = False, desc: str | None = None):
+                    max_images=None, max_det: int = 300, pad_to_batch: bool = False, desc: str | None = None,
+                    adapter=None):
     """Run ``runner`` over ``dataset`` and return COCO-style detections in original-image pixels.
 
     Args:
-        runner (BaseRunner): any runner whose first output is the decoded ``[B, N, 5 + nc]`` tensor.
+        runner (BaseRunner): any runner of the model (PyTorch, ONNX Runtime, TensorRT).
         dataset (DetectionDataset): letterboxing dataset with ``(img, labels, meta)`` items.
         batch_size (int): images per inference. Defaults to 16.
         conf_thres (float): NMS score threshold. Defaults to 0.001.
@@ -44,6 +45,8 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
         pad_to_batch (bool): pad the last batch to ``batch_size`` (for engines built with a fixed batch).
             Defaults to False.
         desc (str | None): progress-bar label. Defaults to the runner's name.
+        adapter (ModelAdapter | None): the model family, whose ``decode`` turns the runner's outputs into boxes.
+            Defaults to the built-in detector's.
 
     Returns:
         tuple[list[dict], list[int], float]: detections (``image_id``, ``category_id``, ``bbox`` xywh, ``score``),
@@ -52,8 +55,9 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
     from tqdm import tqdm
 
     from trt_qat.data.transforms import scale_boxes_to_original
-    from trt_qat.models.postprocess import non_max_suppression
+    from trt_qat.models.adapter import get_adapter
 
+    adapter = adapter or get_adapter()
     if int(batch_size) < 1:
         raise TrtQatError(f"batch_size must be >= 1 (got {batch_size})")
     total = len(dataset) if max_images is None else min(len(dataset), max(int(max_images), 0))
@@ -68,8 +72,8 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
             if pad_to_batch and n < batch_size:
                 x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)], 0)
             outputs = runner.infer({input_name: x})
-            pred = next(iter(outputs.values()))[:n]
-            for det, meta in zip(non_max_suppression(pred, conf_thres, iou_thres, max_det), metas):
+            outputs = {name: value[:n] for name, value in outputs.items()}
+            for det, meta in zip(adapter.decode(outputs, conf_thres, iou_thres, max_det), metas):
                 image_ids.append(int(meta["image_id"]))
                 if det.shape[0] == 0:
                     continue
@@ -140,12 +144,11 @@ def coco_map(ground_truth: dict, detections: list, image_ids=None) -> tuple[floa
 
 
 def evaluate(runner, dataset, batch_size: int = 16, conf_thres: float = 0.001, iou_thres: float = 0.6,
-             max_images=None, desc: str | None = None, pad_to_batch: bool = False) -> dict:
+             max_images=None, desc: str | None = None, pad_to_batch: bool = False, adapter=None) -> dict:
     """COCO mAP of ``runner`` on ``dataset``.
 
     Args:
-        runner (BaseRunner): any runner whose first output is the decoded ``[B, N, 5 + nc]`` tensor
-            (``cx, cy, w, h`` in input pixels, objectness, class probabilities).
+        runner (BaseRunner): any runner of the model (PyTorch, ONNX Runtime, TensorRT).
         dataset (DetectionDataset): e.g. ``YoloDataset(data_yaml, "val")``; must offer ``coco_ground_truth()``.
         batch_size (int): images per inference. Defaults to 16.
         conf_thres (float): NMS score threshold. Defaults to 0.001.
@@ -153,6 +156,7 @@ def evaluate(runner, dataset, batch_size: int = 16, conf_thres: float = 0.001, i
         max_images (int | None): evaluate only the first N images. Defaults to None (all).
         desc (str | None): progress-bar label. Defaults to "eval <runner name>".
         pad_to_batch (bool): pad the last batch to ``batch_size`` (fixed-batch engines). Defaults to False.
+        adapter (ModelAdapter | None): the model family (its ``decode``). Defaults to the built-in detector's.
 
     Returns:
         dict: ``map50``, ``map50_95`` (floats), ``images`` (int), ``detections`` (int), ``seconds`` (float).
@@ -160,7 +164,8 @@ def evaluate(runner, dataset, batch_size: int = 16, conf_thres: float = 0.001, i
     if len(dataset) == 0:
         raise TrtQatError("the evaluation dataset is empty; point it at a split with images")
     detections, image_ids, seconds = predict_dataset(runner, dataset, batch_size, conf_thres, iou_thres,
-                                                     max_images=max_images, pad_to_batch=pad_to_batch, desc=desc)
+                                                     max_images=max_images, pad_to_batch=pad_to_batch, desc=desc,
+                                                     adapter=adapter)
     map50, map50_95 = coco_map(dataset.coco_ground_truth(), detections, image_ids)
     LOG.debug("evaluate %s: %d images, %d detections, mAP50 %.4f, mAP50-95 %.4f, %.1fs", runner.name,
               len(image_ids), len(detections), map50, map50_95, seconds)

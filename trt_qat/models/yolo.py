@@ -24,7 +24,8 @@ from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_path
 
 __all__ = ["ConvBNAct", "Bottleneck", "C3", "SPPF", "Detect", "YoloDetector", "build_model", "MODEL_NAMES",
-           "SCALES", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "save_checkpoint", "load_checkpoint"]
+           "SCALES", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "save_checkpoint", "load_checkpoint", "model_from_cfg",
+           "model_from_checkpoint"]
 
 #: (width multiple, depth multiple) per scale, as in YOLOv5
 SCALES = {"n": (0.25, 0.33), "s": (0.5, 0.33)}
@@ -249,7 +250,8 @@ def build_model(name: str = "yolo-n", nc: int = 10, **kwargs) -> YoloDetector:
     return YoloDetector(nc=nc, scale=key.split("-", 1)[1], name=key, **kwargs)
 
 
-def _model_from_cfg(cfg: dict) -> YoloDetector:
+def model_from_cfg(cfg: dict) -> YoloDetector:
+    """The (untrained) detector described by a checkpoint's ``model_cfg``."""
     return YoloDetector(nc=cfg["nc"], scale=cfg["scale"], anchors=[tuple(a) for a in cfg["anchors"]],
                         strides=cfg["strides"], in_ch=cfg.get("in_ch", 3), name=cfg.get("name"))
 
@@ -299,7 +301,7 @@ def model_from_checkpoint(ckpt: dict, path="<checkpoint>") -> YoloDetector:
         raise TrtQatError(f"checkpoint '{path}' has no 'model_cfg'/'state_dict'; "
                           "it was not written by trt_qat.models.yolo.save_checkpoint")
     try:
-        model = _model_from_cfg(ckpt["model_cfg"])
+        model = model_from_cfg(ckpt["model_cfg"])
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
         raise TrtQatError(f"checkpoint '{path}' does not match its model config ({str(exc).splitlines()[0]}); "

@@ -9,6 +9,7 @@ from torch import nn
 from trt_qat.config import QuantConfig, from_dict
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_path, read_checkpoint
+from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model
 from trt_qat.quant.instrument import quantize
 from trt_qat.quant.quantizer import iter_quantizers
 
@@ -19,12 +20,16 @@ QUANT_FORMAT = "trt_qat.quantized/1"
 
 
 def save_quantized(model: nn.Module, path, extra: dict | None = None):
-    """Save a quantized model (weights, amax, quant config, model config) atomically to ``path``."""
+    """Save a quantized model (weights, amax, quant config, and the architecture when its model family can describe
+    it) atomically to ``path``."""
+    adapter = adapter_for_model(model)
+    arch = adapter.architecture(model)
     ckpt = {
         "format": QUANT_FORMAT,
         "quant_config": getattr(model, "trt_qat_quant_config", dataclasses.asdict(QuantConfig())),
         "rules_input_shape": getattr(model, "trt_qat_rules_input_shape", None),
-        "model_cfg": getattr(model, "cfg", None),
+        "model_family": adapter.family if arch is not None else None,
+        "model_cfg": arch,
         "state_dict": model.state_dict(),
         "disabled_quantizers": [name for name, q in iter_quantizers(model) if q._disabled],
     }
@@ -39,8 +44,8 @@ def load_quantized(path, model: nn.Module | None = None):
 
     Args:
         path (str): checkpoint path.
-        model (nn.Module): the FP32 architecture to instrument. Defaults to rebuilding the built-in model from the
-            checkpoint's ``model_cfg``.
+        model (nn.Module): the FP32 architecture to instrument. Defaults to rebuilding it, through its family's
+            adapter, from the checkpoint's ``model_cfg``.
     """
     return _quantized_from_checkpoint(read_checkpoint(path), path, model)
 
@@ -51,9 +56,8 @@ def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None)
     if model is None:
         if not ckpt.get("model_cfg"):
             raise TrtQatError(f"'{path}' has no model_cfg; pass the FP32 model to load_quantized(path, model)")
-        from trt_qat.models.yolo import _model_from_cfg
-
-        model = _model_from_cfg(dict(ckpt["model_cfg"]))
+        adapter = adapter_for_checkpoint(ckpt)
+        model = adapter.tag(adapter.from_architecture(ckpt["model_cfg"]))
     if not isinstance(ckpt.get("quant_config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise TrtQatError(f"checkpoint '{path}' lacks its quant_config or state_dict; re-run `trt-qat calibrate`")
     qcfg = from_dict(QuantConfig, ckpt["quant_config"], "quant_config")
@@ -78,8 +82,8 @@ def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None)
 
 
 def load_model(path):
-    """Load a quantized (``calibrate``/``qat``) or FP32 (``trt-qat train``) built-in model checkpoint, reading the
-    file once.
+    """Load a quantized (``calibrate``/``qat``) or FP32 checkpoint of any registered model family, reading the file
+    once.
 
     Returns:
         tuple[nn.Module, dict, bool]: the model, the checkpoint dict, and whether the model is quantized.
@@ -88,6 +92,5 @@ def load_model(path):
     if ckpt.get("format") == QUANT_FORMAT:
         model, _ = _quantized_from_checkpoint(ckpt, path)
         return model, ckpt, True
-    from trt_qat.models.yolo import model_from_checkpoint
-
-    return model_from_checkpoint(ckpt, path), ckpt, False
+    adapter = adapter_for_checkpoint(ckpt)
+    return adapter.tag(adapter.from_checkpoint(ckpt, path)), ckpt, False

@@ -102,7 +102,8 @@ class TrtRunner(BaseRunner):
 
     # --- activation -----------------------------------------------------------------------------------
     def activate_impl(self):
-        from trt_qat.trt.build import check_engine_metadata, import_tensorrt, read_engine_metadata
+        from trt_qat.trt.metadata import check_engine_metadata, read_engine_metadata
+        from trt_qat.trt.util import import_tensorrt
 
         trt = import_tensorrt()
         cuda = _import_pycuda()

@@ -1,11 +1,12 @@
-"""FP32 baseline training of the built-in detector (the starting point of PTQ and QAT).
+"""FP32 baseline training from scratch (the starting point of PTQ and QAT), on the one training loop.
 
-SGD (Nesterov) or AdamW, linear warm-up then cosine decay, an exponential moving average (EMA) of the
-weights, mAP on the validation split every few epochs (through :class:`~trt_qat.runners.torch_runner.TorchRunner`
-and :func:`~trt_qat.evaluate.evaluate`, the same path every backend takes) and the best EMA checkpoint kept,
-written atomically.
+SGD (Nesterov) or AdamW (:func:`~trt_qat.train.loop.build_optimizer`), linear warm-up then cosine decay
+(:func:`~trt_qat.train.loop.warmup_cosine`), an exponential moving average (EMA) of the weights as an after-step
+hook, mAP on the validation split every few epochs (through :class:`~trt_qat.runners.torch_runner.TorchRunner` and
+:func:`~trt_qat.measure.evaluate.evaluate`, the same path every backend takes) and the best EMA checkpoint kept,
+written atomically by the model family's adapter.
 
-Run ``trt-qat train --data datasets/digits-det/data.yaml --epochs 30`` (or ``python -m trt_qat.train``).
+Run ``trt-qat train --data datasets/digits-det/data.yaml --epochs 30``.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ import torch
 from torch import nn
 
 from trt_qat.errors import LOG, TrtQatError
+from trt_qat.train.loop import build_optimizer, fit, warmup_cosine
 
-__all__ = ["train_fp32", "ModelEMA", "seed_everything", "build_optimizer"]
-
-_OPTIMIZERS = {"sgd": 0.01, "adamw": 0.002}   # name -> default learning rate
+__all__ = ["train_fp32", "ModelEMA", "LossItems", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
@@ -61,51 +61,25 @@ class ModelEMA:
             else:
                 v.copy_(msd[k])
 
-
-def build_optimizer(model: nn.Module, name: str = "sgd", lr: float | None = None, weight_decay: float = 5e-4):
-    """SGD (momentum 0.937, Nesterov) or AdamW; weight decay only on conv/linear weights (not BN, not biases).
-
-    Args:
-        model (nn.Module): the model.
-        name (str): "sgd" or "adamw". Defaults to "sgd".
-        lr (float | None): learning rate. Defaults to 0.01 (SGD) or 0.002 (AdamW).
-        weight_decay (float): on conv/linear weights. Defaults to 5e-4.
-
-    Returns:
-        torch.optim.Optimizer: with param groups in the order (decayed weights, BN weights, biases).
-    """
-    name = str(name).lower()
-    if name not in _OPTIMIZERS:
-        raise TrtQatError(f"unknown optimizer '{name}'; use one of {sorted(_OPTIMIZERS)}")
-    lr = _OPTIMIZERS[name] if lr is None else float(lr)
-    decay, bn, bias = [], [], []
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            if pname == "bias":
-                bias.append(p)
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                bn.append(p)
-            else:
-                decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": bn, "weight_decay": 0.0},
-              {"params": bias, "weight_decay": 0.0}]
-    if name == "sgd":
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.937, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.937, 0.999))
-    for g in opt.param_groups:
-        g["initial_lr"] = lr
-    return opt
+    def after_step(self, loop):
+        """Loop hook: update the average after every optimizer step."""
+        self.update(loop.model)
 
 
-def _lr_at(step: int, total: int, warmup: int, lr: float, lrf: float) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``lr * lrf``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(total - warmup, 1)
-    return lr * (lrf + (1.0 - lrf) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0))))
+class LossItems:
+    """Loop hook: the per-epoch mean of the loss components a ``loss_fn`` leaves in ``loss_fn.last_items``."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn, self.epochs, self._running, self._n = loss_fn, [], None, 0
+
+    def after_step(self, loop):
+        items = self.loss_fn.last_items.detach().cpu()
+        self._running = items if self._running is None else self._running + items
+        self._n += 1
+
+    def on_epoch_end(self, loop):
+        self.epochs.append((self._running / max(self._n, 1)).tolist() if self._running is not None else [])
+        self._running, self._n = None, 0
 
 
 def _resolve_device(device) -> torch.device:
@@ -119,7 +93,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
                optimizer: str = "sgd", eval_every: int | None = None, augment: bool = True,
                warmup_epochs: float = 2.0, lrf: float = 0.05, ema_decay: float | None = None,
                max_train_images: int | None = None, max_val_images: int | None = None,
-               threads: int | None = None) -> dict:
+               threads: int | None = None, family: str | None = None) -> dict:
     """Train a built-in detector from scratch in FP32 and keep the best checkpoint (by val mAP50-95).
 
     Args:
@@ -144,18 +118,16 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         max_train_images (int | None): use only the first N training images. Defaults to None (all).
         max_val_images (int | None): evaluate only the first N validation images. Defaults to None (all).
         threads (int | None): ``torch.set_num_threads`` for CPU training. Defaults to torch's choice.
+        family (str | None): the model family (:mod:`trt_qat.models.adapter`). Defaults to the built-in detector.
 
     Returns:
         dict: ``checkpoint``, ``best_epoch``, ``map50``, ``map50_95`` (of the best checkpoint), ``epochs``,
         ``seconds``, ``seconds_per_epoch`` and ``history`` (per evaluated epoch: epoch, loss, map50, map50_95).
     """
-    from tqdm import tqdm
-
-    from trt_qat.data.yolo import YoloDataset, build_dataloader
+    from trt_qat.data.yolo import build_dataloader
     from trt_qat.fileio import check_writable_file
     from trt_qat.measure.evaluate import evaluate
-    from trt_qat.models.loss import YoloLoss
-    from trt_qat.models.yolo import build_model, save_checkpoint
+    from trt_qat.models.adapter import get_adapter
     from trt_qat.runners.torch_runner import TorchRunner
 
     if int(epochs) < 1 or int(batch_size) < 1:
@@ -167,13 +139,14 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
     check_writable_file(out)  # before training, not at the first checkpoint
     seed_everything(int(seed))
 
-    train_ds = YoloDataset(data_yaml, "train", imgsz=imgsz, augment=augment, max_images=max_train_images)
-    val_ds = YoloDataset(data_yaml, "val", imgsz=imgsz, augment=False, max_images=max_val_images)
+    adapter = get_adapter(family)
+    train_ds = adapter.dataset(data_yaml, "train", imgsz=imgsz, augment=augment, max_images=max_train_images)
+    val_ds = adapter.dataset(data_yaml, "val", imgsz=imgsz, augment=False, max_images=max_val_images)
     sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(int(seed)))
     loader = build_dataloader(train_ds, batch_size=batch_size, workers=workers, sampler=sampler,
                               drop_last=len(train_ds) > batch_size)
-    model = build_model(model_name, nc=train_ds.nc).to(dev)
-    criterion = YoloLoss(model)
+    model = adapter.build(model_name, nc=train_ds.nc).to(dev)
+    loss_fn = adapter.loss_fn(model)
     opt = build_optimizer(model, optimizer, lr)
     peak_lr = opt.param_groups[0]["initial_lr"]
     steps_per_epoch = len(loader)
@@ -181,59 +154,43 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
     warmup = max(1, min(int(round(warmup_epochs * steps_per_epoch)), total // 4))
     window = max(20.0, total / 20.0)
     ema = ModelEMA(model, decay=ema_decay if ema_decay is not None else 1.0 - 1.0 / window, tau=window)
-    eval_every = max(1, int(eval_every) if eval_every else max(1, epochs // 10))
+    items = LossItems(loss_fn)
     train_args = {"data": str(data_yaml), "model": model_name, "epochs": epochs, "batch_size": batch_size,
                   "imgsz": imgsz, "lr": peak_lr, "optimizer": optimizer, "seed": int(seed), "augment": bool(augment)}
     LOG.info("training %s on %d images (%d val), %d epochs x %d steps, %s lr %.4g, device %s", model_name,
              len(train_ds), len(val_ds), epochs, steps_per_epoch, optimizer, peak_lr, dev)
 
-    best = {"map50_95": -1.0, "map50": 0.0, "epoch": 0}
-    history, step, start = [], 0, time.perf_counter()
-    train_seconds = 0.0
-    for epoch in range(1, epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        running, n_batches = torch.zeros(3), 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
-        for imgs, targets, _metas in bar:
-            cur_lr = _lr_at(step, total, warmup, peak_lr, lrf)
-            for i, g in enumerate(opt.param_groups):
-                if optimizer == "sgd" and step < warmup:
-                    # biases start high and momentum low during warm-up (YOLOv5 practice)
-                    frac = (step + 1) / warmup
-                    g["lr"] = (0.1 * (1 - frac) + cur_lr * frac) if i == 2 else cur_lr
-                    g["momentum"] = 0.8 + (0.937 - 0.8) * frac
-                else:
-                    g["lr"] = cur_lr
-            loss, items = criterion(model(imgs.to(dev, non_blocking=True)), targets.to(dev, non_blocking=True))
-            if not torch.isfinite(loss):
-                raise TrtQatError(f"training loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                                  "(--lr) or check the labels")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-            opt.step()
-            ema.update(model)
-            step += 1
-            running += items.cpu()
-            n_batches += 1
-            bar.set_postfix(box=f"{running[0] / n_batches:.4f}", obj=f"{running[1] / n_batches:.4f}",
-                            cls=f"{running[2] / n_batches:.4f}", lr=f"{cur_lr:.2e}")
-        bar.close()
-        train_seconds += time.perf_counter() - t0
-        mean_items = (running / max(n_batches, 1)).tolist()
-        if epoch % eval_every == 0 or epoch == epochs:
-            metrics = evaluate(TorchRunner(ema.ema, device=dev), val_ds, batch_size=max(batch_size, 16),
-                               desc=f"val {epoch}/{epochs}")
-            history.append({"epoch": epoch, "loss": sum(mean_items), "box": mean_items[0], "obj": mean_items[1],
-                            "cls": mean_items[2], "map50": metrics["map50"], "map50_95": metrics["map50_95"]})
-            LOG.info("epoch %d/%d  loss %.4f (box %.4f obj %.4f cls %.4f)  val mAP50 %.4f  mAP50-95 %.4f",
-                     epoch, epochs, sum(mean_items), *mean_items, metrics["map50"], metrics["map50_95"])
-            if metrics["map50_95"] > best["map50_95"]:
-                best = {"map50_95": metrics["map50_95"], "map50": metrics["map50"], "epoch": epoch}
-                save_checkpoint(ema.ema, out, epoch=epoch, map50=metrics["map50"], map50_95=metrics["map50_95"],
-                                train_args=train_args)
+    def lr_at(step, total_steps, group):
+        lr_now = warmup_cosine(step, total_steps, peak_lr, lrf, warmup, floor_at_last_step=False)
+        if optimizer == "sgd" and step < warmup:
+            # biases start high and momentum low during warm-up (YOLOv5 practice)
+            frac = (step + 1) / warmup
+            return (0.1 * (1 - frac) + lr_now * frac) if group == 2 else lr_now, 0.8 + (0.937 - 0.8) * frac
+        return lr_now
+
+    def eval_fn(_model):
+        epoch = len(items.epochs)  # (on_epoch_end has run)
+        metrics = evaluate(TorchRunner(ema.ema, device=dev), val_ds, batch_size=max(batch_size, 16),
+                           desc=f"val {epoch}/{epochs}", adapter=adapter)
+        return {"score": metrics["map50_95"], "map50": metrics["map50"], "map50_95": metrics["map50_95"]}
+
+    def save_best(_model, path, extra):
+        adapter.save(ema.ema, path, epoch=extra["epoch"] + 1, map50=extra["map50"], map50_95=extra["map50_95"],
+                     train_args=train_args)
+
+    start = time.perf_counter()
+    result = fit(model, loader, loss_fn, opt, epochs=epochs, lr_at=lr_at, grad_clip=10.0, hooks=[ema, items],
+                 eval_fn=eval_fn, eval_every=max(1, int(eval_every) if eval_every else max(1, epochs // 10)),
+                 save_fn=save_best, best_path=out, restore_best=False, device=dev, desc="train", what="training")
     seconds = time.perf_counter() - start
+    history = []
+    for record, mean_items in zip(result["history"], items.epochs):
+        if "score" in record:
+            history.append({"epoch": record["epoch"], "loss": sum(mean_items), "box": mean_items[0],
+                            "obj": mean_items[1], "cls": mean_items[2], "map50": record["map50"],
+                            "map50_95": record["map50_95"]})
+    best = max(history, key=lambda h: h["map50_95"]) if history else {"epoch": 0, "map50": 0.0, "map50_95": 0.0}
+    train_seconds = sum(record["seconds"] for record in result["history"])
     result = {"checkpoint": str(Path(out)), "best_epoch": best["epoch"], "map50": best["map50"],
               "map50_95": max(best["map50_95"], 0.0), "epochs": epochs, "seconds": seconds,
               "seconds_per_epoch": train_seconds / epochs, "history": history}

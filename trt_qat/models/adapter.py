@@ -1,0 +1,181 @@
+"""The model-adapter seam: everything the pipeline needs to know about a model family, behind one interface.
+
+A stage never branches on the model family and never imports a family's own modules: it asks the adapter.
+An adapter
+
+* builds a model, loads one from a checkpoint and saves one (:meth:`ModelAdapter.build`, :meth:`load`,
+  :meth:`save`), and rebuilds the bare architecture a quantized checkpoint was made from
+  (:meth:`architecture` / :meth:`from_architecture`);
+* gives the sample input and the ONNX input/output names and dynamic axes;
+* gives ``loss_fn(model, batch)`` for the training loop and ``decode(outputs)`` for evaluation, which every
+  backend's raw outputs go through (PyTorch, ONNX Runtime, TensorRT alike);
+* gives the dataset it reads, and the layers it keeps in float on purpose, with the reason.
+
+Families register with :func:`register_adapter` (timm's ``@register_model`` in spirit). The family modules are
+imported on first use (:data:`FAMILY_MODULES`), so optional dependencies (Ultralytics, say) are only imported when
+their family is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+
+from trt_qat.errors import TrtQatError
+
+__all__ = ["ModelAdapter", "register_adapter", "get_adapter", "adapter_for_checkpoint", "adapter_for_model",
+           "load_fp32", "FAMILY_MODULES", "DEFAULT_FAMILY"]
+
+#: family name -> the module that registers its adapter (imported lazily)
+FAMILY_MODULES = {"builtin": "trt_qat.models.builtin"}
+DEFAULT_FAMILY = "builtin"
+_REGISTRY: dict = {}
+
+
+class ModelAdapter:
+    """The interface of a model family. Subclasses override what their family needs.
+
+    Attributes:
+        family (str): the registry name, stored in every checkpoint trt_qat writes.
+        input_names (tuple[str]): ONNX input names, also the feed-dict keys of every runner.
+        output_names (tuple[str]): ONNX output names; the first is what :meth:`decode` reads.
+    """
+
+    family = ""
+    input_names = ("images",)
+    output_names = ("output",)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def recognizes(self, ckpt: dict) -> bool:
+        """Whether the checkpoint dict ``ckpt`` holds a model of this family."""
+        return ckpt.get("model_family") == self.family
+
+    def build(self, name: str, nc: int):
+        """A freshly initialised model ``name`` with ``nc`` classes (for training from scratch)."""
+        raise TrtQatError(f"model family '{self.family}' cannot build models from a name; pass a checkpoint")
+
+    def load(self, path):
+        """``(model, checkpoint dict)``: the FP32 model of checkpoint ``path``, in eval mode."""
+        from trt_qat.fileio import read_checkpoint
+
+        ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+        return self.from_checkpoint(ckpt, path), ckpt
+
+    def from_checkpoint(self, ckpt: dict, path="<checkpoint>"):
+        """The FP32 model (eval mode) held by the checkpoint dict ``ckpt`` read from ``path``."""
+        raise NotImplementedError
+
+    def save(self, model, path, **extra):
+        """Write ``model`` (FP32) to ``path`` atomically, with ``extra`` entries; returns the path."""
+        raise NotImplementedError
+
+    def architecture(self, model) -> dict | None:
+        """What :meth:`from_architecture` needs to rebuild ``model``'s bare (untrained) architecture, or None when
+        this family cannot describe ``model`` (it must then be passed in when loading)."""
+        return None
+
+    def from_architecture(self, arch: dict):
+        """A model built from :meth:`architecture`'s dict (weights are loaded afterwards)."""
+        raise NotImplementedError
+
+    def tag(self, model):
+        """Mark ``model`` as this family's (``model.trt_qat_family``, read by :func:`adapter_for_model`); returns it."""
+        model.trt_qat_family = self.family
+        return model
+
+    def model_name(self, model) -> str | None:
+        """The model's name (e.g. "yolo-n"), or None when the family has no names."""
+        return None
+
+    # --- input and output --------------------------------------------------------------------------------
+    def sample_input(self, imgsz: int, batch: int = 1):
+        """An example input batch of ``imgsz`` x ``imgsz`` images (for tracing, rules and export)."""
+        import torch
+
+        return torch.zeros(batch, 3, int(imgsz), int(imgsz))
+
+    def dynamic_axes(self, dynamic_batch: bool = True) -> dict | None:
+        """ONNX ``dynamic_axes`` for export: the batch dimension of every input and output, or None."""
+        if not dynamic_batch:
+            return None
+        return {name: {0: "batch"} for name in (*self.input_names, *self.output_names)}
+
+    # --- training and evaluation -------------------------------------------------------------------------
+    def loss_fn(self, model):
+        """A ``loss_fn(model, batch) -> scalar`` for the training loop; ``model`` is in train mode."""
+        raise TrtQatError(f"model family '{self.family}' has no training loss")
+
+    def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
+        """Detections per image from a runner's raw outputs (a name -> array mapping, in output order).
+
+        Returns:
+            list[Tensor]: one ``[n, 6]`` tensor per image: ``x1, y1, x2, y2`` in input (letterboxed) pixels, score,
+            class index.
+        """
+        raise NotImplementedError
+
+    def dataset(self, data_yaml, split: str, imgsz: int, augment: bool = False, max_images=None):
+        """The detection dataset this family trains and evaluates on."""
+        from trt_qat.data.yolo import YoloDataset
+
+        return YoloDataset(data_yaml, split=split, imgsz=imgsz, augment=augment, max_images=max_images)
+
+    def float_layers(self, model) -> dict:
+        """``{module name: reason}`` of the layers this family keeps in float on purpose."""
+        return {}
+
+
+def register_adapter(cls):
+    """Class decorator: register an adapter class under its ``family``."""
+    if not cls.family:
+        raise TypeError(f"{cls.__name__} has no family name")
+    _REGISTRY[cls.family] = cls()
+    return cls
+
+
+def get_adapter(family: str | None = None) -> ModelAdapter:
+    """The adapter of ``family`` (the built-in detector's when None)."""
+    family = family or DEFAULT_FAMILY
+    if family not in _REGISTRY and family in FAMILY_MODULES:
+        importlib.import_module(FAMILY_MODULES[family])
+    if family not in _REGISTRY:
+        raise TrtQatError(f"unknown model family '{family}'; known families: {', '.join(sorted(FAMILY_MODULES))}")
+    return _REGISTRY[family]
+
+
+def adapter_for_checkpoint(ckpt: dict, family: str | None = None) -> ModelAdapter:
+    """The adapter for checkpoint dict ``ckpt``: ``family`` when given, else the one that recognises it.
+
+    trt_qat's own checkpoints name their family; a checkpoint that names none is the built-in detector's (older
+    trt_qat files).
+    """
+    if family:
+        return get_adapter(family)
+    named = ckpt.get("model_family") if isinstance(ckpt, dict) else None
+    if named:
+        return get_adapter(named)
+    for name in FAMILY_MODULES:
+        adapter = get_adapter(name)
+        if adapter.recognizes(ckpt):
+            return adapter
+    return get_adapter(DEFAULT_FAMILY)
+
+
+def adapter_for_model(model) -> ModelAdapter:
+    """The adapter of an instantiated model: the family it was built or loaded by (``model.trt_qat_family``)."""
+    return get_adapter(getattr(model, "trt_qat_family", None))
+
+
+def load_fp32(path, family: str | None = None):
+    """Load the FP32 model of checkpoint ``path`` through its family's adapter.
+
+    Args:
+        path (str | Path): the checkpoint.
+        family (str | None): the model family. Defaults to the one the checkpoint names or is recognised as.
+
+    Returns:
+        tuple[nn.Module, ModelAdapter]: the model (eval mode) and its adapter.
+    """
+    from trt_qat.fileio import read_checkpoint
+
+    ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+    adapter = adapter_for_checkpoint(ckpt, family)
+    return adapter.tag(adapter.from_checkpoint(ckpt, path)), adapter
