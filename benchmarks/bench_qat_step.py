@@ -7,7 +7,7 @@ Variants, all on ``yolo-n`` with the YOLO loss, SGD, synthetic images and target
 * ``pq-default``: the same model quantized by trt_qat, but every quantizer runs pytorch-quantization's default
   fake-quant (``TrtQuantizer.native = False``: ``fake_tensor_quant``, narrow range, Python autograd Function);
 * ``torch-fq``: trt_qat's quantizers computing with torch's own fake-quant ops
-  (``trt_qat.amax.FAST_CPU_FAKE_QUANT = False``: ``fake_quantize_per_tensor/channel_affine``; same numbers);
+  (``trt_qat.quant.fake_quant.FAST_CPU_FAKE_QUANT = False``: ``fake_quantize_per_tensor/channel_affine``; same numbers);
 * ``trt_qat``: trt_qat's path (ONNX/TensorRT semantics; on the CPU the same numbers from faster kernels);
 * with ``--breakdown`` also ``trt_qat-weights`` (only the weight quantizers on) and ``trt_qat-acts`` (only the
   activation quantizers on), which split trt_qat's overhead between weights and activations.
@@ -89,16 +89,16 @@ class Trainer:
     """One variant's model, loss, optimizer and a ``step()`` that returns its wall time in seconds."""
 
     def __init__(self, name, device, batch, imgsz, channels_last=False):
-        from trt_qat.models.loss import detection_loss_fn
-        from trt_qat.train.qat import _freeze_bn
+        from trt_qat.models.adapter import get_adapter
+        from trt_qat.train.loop import FreezeBatchNorm, LoopState
 
         self.name, self.device = name, torch.device(device)
         self.fast = name != "torch-fq"
         self.model = build_variant(name, device, imgsz, channels_last=channels_last)
         self.model.train()
-        _freeze_bn(self.model)
-        self.loss_fn = detection_loss_fn(self.model)
+        self.loss_fn = get_adapter("builtin").loss_fn(self.model)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        FreezeBatchNorm().on_epoch_start(LoopState(self.model, self.opt, epochs=1, steps_per_epoch=1))
         imgs, targets, metas = synthetic_batch(batch, imgsz)
         imgs = imgs.to(self.device)
         if channels_last:
