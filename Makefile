@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv baseline lint clean
+.PHONY: demo test venv baseline lint clean readme-check
 
 $(STAMP): requirements-dev.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m trt_qat run --config configs/demo.yaml
+	$(PY) tools/readme_results.py --check
+
+# README's results block against the last `make demo` (reports/demo/report.json); --write regenerates it.
+readme-check: $(STAMP)
+	$(PY) tools/readme_results.py --check
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -28,7 +33,7 @@ baseline: $(STAMP)
 		--threads 1 --eval-every 5 --out weights/yolo-n_digits-det.pt
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check trt_qat tests benchmarks
+	$(VENV)/bin/ruff check trt_qat tests benchmarks tools
 
 clean:
 	rm -rf reports runs datasets calib/demo

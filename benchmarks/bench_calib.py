@@ -106,10 +106,10 @@ def time_passes(args) -> list:
     # the same statistics pass with pytorch-quantization's own HistogramCalibrator (torch.histc per batch)
     from pytorch_quantization.calib import HistogramCalibrator
 
-    from trt_qat.calibration.calibrate import _activation_quantizers
+    from trt_qat.quant.quantizer import activation_quantizers
 
     ref_model = _quantized_model(args.imgsz, args.device)
-    for _, q in _activation_quantizers(ref_model):
+    for _, q in activation_quantizers(ref_model):
         q._calibrator = HistogramCalibrator(8, None, False)
 
     def forward():
@@ -149,10 +149,10 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
     ``bincount`` is a single-threaded loop in PyTorch's CPU backend: the max-only pass plus this time bounds, from
     below, a histogram pass that counts every element exactly with ``bincount``.
     """
-    from trt_qat.calibration.calibrate import _activation_quantizers
-    from trt_qat.quant.fake_quant import bin_indices
+    from trt_qat.quant.calibrator import bin_indices
+    from trt_qat.quant.quantizer import activation_quantizers
 
-    quantizers = [q for _, q in _activation_quantizers(qmodel)]
+    quantizers = [q for _, q in activation_quantizers(qmodel)]
     seen = []
     recorded = []
 
@@ -199,9 +199,9 @@ def time_count_floor(qmodel, batches, forward_ms: float) -> dict:
 
 def time_compute_amax(qmodel, args) -> list:
     """Time compute_amax over all activation quantizers per method, ours vs the reference."""
-    from trt_qat.calibration.calibrate import _activation_quantizers
+    from trt_qat.quant.quantizer import activation_quantizers
 
-    cals = [(n, q._calibrator) for n, q in _activation_quantizers(qmodel)]
+    cals = [(n, q._calibrator) for n, q in activation_quantizers(qmodel)]
     rows = []
     for method in METHODS:
         t0 = time.perf_counter()

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
 from trt_qat.errors import TrtQatError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "ensure_dir",
-           "require_file", "read_checkpoint", "check_writable_file"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
+           "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input"]
 
 
 def ensure_dir(path) -> Path:
@@ -84,6 +86,36 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically, with the same bytes for the same ``obj``.
+
+    ``torch.save`` names the zip archive's records after the file it writes to; saving to the temporary file would
+    put its random name into the bytes. Saving to memory first keeps one fixed record name."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def check_not_input(output, *inputs, flag: str = "the output") -> Path:
+    """Raise when ``output`` is the same file as one of ``inputs`` (writing it would destroy that input)."""
+    out = Path(output)
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item)
+        same = out.resolve() == src.resolve()
+        if not same and out.exists() and src.exists():
+            same = os.path.samefile(out, src)
+        if same:
+            raise TrtQatError(f"{flag} '{output}' is the input file '{item}'; writing it would destroy the input: "
+                              "choose another output path")
+    return out
+
+
 def read_checkpoint(path, hint: str = "check the path or run the previous stage first"):
     """``torch.load`` a checkpoint on the CPU; a missing or unreadable file is one TrtQatError (``hint`` is the fix
     for a missing file)."""
@@ -93,7 +125,18 @@ def read_checkpoint(path, hint: str = "check the path or run the previous stage 
     if not path.is_file():
         raise TrtQatError(f"checkpoint '{path}' does not exist; {hint}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        # data only: trt_qat's own checkpoints hold tensors, numbers, strings and containers, never code; a pickle
+        # that would construct anything else (and run code doing it) is refused, not executed
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # not a pickle at all: corrupt
+            raise TrtQatError(f"checkpoint '{path}' cannot be read (UnpicklingError); it is corrupt or not a PyTorch "
+                              "checkpoint: re-run the stage that wrote it") from None
+        raise TrtQatError(f"checkpoint '{path}' holds code ({found.group(1)}), not only tensors and plain data; "
+                          "trt_qat reads checkpoints as data and never runs what a pickle carries: pass a checkpoint "
+                          "written by trt-qat train, calibrate or qat (other formats load through their model "
+                          "family)") from None
     except Exception as exc:  # corrupt or not a torch file
         raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not a "
                           "PyTorch checkpoint: re-run the stage that wrote it") from None

@@ -42,7 +42,7 @@ def _versions() -> dict:
 def output_agreement(model, onnx_path, dataset, adapter, batches: int = 4, batch_size: int = 8) -> dict:
     """Cosine similarity and max-abs difference between PyTorch and ONNX Runtime on the raw (pre-NMS) outputs of
     the first ``batches`` batches of ``dataset`` (:func:`~trt_qat.measure.compare.compare_runners`)."""
-    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.measure.compare import compare_runners
     from trt_qat.runners.onnxrt import OnnxrtRunner
     from trt_qat.runners.torch_runner import TorchRunner
@@ -77,11 +77,12 @@ def _state_size_mb(model) -> float:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage for ``cfg``; returns the path of report.md."""
     from trt_qat.calibration.calibrate import collect_stats, compute_amax, save_amax
-    from trt_qat.data.yolo import build_dataloader, write_image_list
+    from trt_qat.data.dataset import build_dataloader
+    from trt_qat.data.yolo import write_image_list
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.adapter import load_fp32
     from trt_qat.onnx.export import export_onnx
-    from trt_qat.onnx.lint.linter import lint_onnx
+    from trt_qat.onnx.lint import lint_onnx
     from trt_qat.quant.checkpoint import save_quantized
     from trt_qat.quant.instrument import quantize, quantizer_summary
     from trt_qat.report.write import write_report

@@ -9,8 +9,9 @@ from trt_qat.analysis.toggle import list_layers
 @pytest.fixture(scope="session")
 def calibrated(tmp_path_factory):
     """``(root dir, data.yaml, quantized.pt, number of quantized layers)``; built once, on first use."""
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.data.digits_det import generate_digits_det
-    from trt_qat.data.yolo import YoloDataset, build_dataloader
+    from trt_qat.data.yolo import YoloDataset
     from trt_qat.models.yolo import build_model
 
     root = tmp_path_factory.mktemp("sens")

@@ -107,10 +107,10 @@ def test_two_ranks_calibrate_like_one_process_on_all_data(two_ranks):
         assert ranks[0]["amax"][method] == ranks[1]["amax"][method], method
         assert ranks[0]["amax"][method] == single[method], method
     assert len(single["entropy"]) == 5
-    from trt_qat.calibration.calibrate import _activation_quantizers
+    from trt_qat.quant.quantizer import activation_quantizers
 
     # the later batches did grow the histograms: merging shards of different lengths was exercised
-    assert any(q._calibrator.hist.numel() > 2048 for _, q in _activation_quantizers(model))
+    assert any(q._calibrator.hist.numel() > 2048 for _, q in activation_quantizers(model))
 
 
 def test_ddp_qat_keeps_ranks_identical_and_only_rank0_writes(two_ranks):

@@ -14,16 +14,10 @@ from PIL import Image
 
 from trt_qat.cli.make_data import main as make_data_main
 from trt_qat.data.coco import CocoDataset
+from trt_qat.data.dataset import build_dataloader, collate_fn
 from trt_qat.data.digits_det import generate_digits_det
 from trt_qat.data.transforms import letterbox, scale_boxes_to_original, xywhn_to_xyxy
-from trt_qat.data.yolo import (
-    YoloDataset,
-    build_dataloader,
-    collate_fn,
-    label_path_for,
-    load_data_yaml,
-    write_image_list,
-)
+from trt_qat.data.yolo import YoloDataset, label_path_for, load_data_yaml, write_image_list
 from trt_qat.errors import TrtQatError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fixtures_data, under any pytest import mode

@@ -21,8 +21,9 @@ def test_engine_map_matches_onnxruntime(tmp_path):
     if gpu_info()["compute_capability"] is None:
         pytest.skip("no CUDA GPU visible")
     import trt_qat
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.data.digits_det import generate_digits_det
-    from trt_qat.data.yolo import YoloDataset, build_dataloader
+    from trt_qat.data.yolo import YoloDataset
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.yolo import load_checkpoint
     from trt_qat.runners.onnxrt import OnnxrtRunner

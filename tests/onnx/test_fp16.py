@@ -126,3 +126,27 @@ def test_fp16_default_path_and_errors(qdq_net, tmp_path):
 def test_modelopt_backend_missing_says_how_to_install(qdq_net, tmp_path):
     with pytest.raises(TrtQatError, match="nvidia-modelopt"):
         convert_to_fp16(qdq_net, tmp_path / "m.onnx", backend="modelopt")
+
+
+def test_fp16_reads_external_data_and_constant_node_parameters(qdq_net, tmp_path):
+    """Weights stored beside the model (external data) are loaded and written back inline; Q/DQ parameters given
+    by Constant nodes count like initializers."""
+    before = qdq_parameters(onnx.load(str(qdq_net)))
+    ext = tmp_path / "ext" / "net.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(str(qdq_net)), str(ext), save_as_external_data=True, location="net.data", size_threshold=0)
+    out = convert_to_fp16(ext, tmp_path / "net_fp16.onnx")
+    after = qdq_parameters(onnx.load(str(out), load_external_data=False))
+    assert set(before) == set(after) and len(before) == 8
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+    nodes = [helper.make_node("Constant", [], ["s"], value=helper.make_tensor("v", TensorProto.FLOAT, [], [0.5])),
+             helper.make_node("Constant", [], ["f"], value_float=0.5),  # not a tensor-valued Constant: skipped
+             helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "f", ""], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.array(0, np.int8), "z")])
+    params = qdq_parameters(helper.make_model(graph))
+    assert set(params) == {"s", "z"} and params["s"].dtype == np.float32 and float(params["s"]) == 0.5

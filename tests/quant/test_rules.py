@@ -1,4 +1,4 @@
-"""Tests for trt_qat.rules: graph-derived scale sharing and quantized residual Adds, checked on the exported ONNX.
+"""Tests for trt_qat.quant.rules: graph-derived scale sharing and quantized residual Adds, checked on the exported ONNX.
 
 Every model is calibrated on random data, exported with ``trt_qat.export_onnx`` and inspected node by node: the
 scales of the QuantizeLinear/DequantizeLinear pairs around Concat, MaxPool, Resize and Add are read from the
@@ -20,7 +20,8 @@ from torch import nn
 import trt_qat
 from trt_qat.config import QuantConfig
 from trt_qat.errors import TrtQatError
-from trt_qat.quant.rules import QuantizedUpstream, RulesReport, apply_rules
+from trt_qat.quant.hooks import QuantizedUpstream
+from trt_qat.quant.rules import RulesReport, apply_rules
 
 PASS_THROUGH = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Pad",
                 "Gather", "Expand"}
@@ -561,7 +562,7 @@ def test_builtin_detector_placement(tmp_path):
     assert len(adds) == report.adds_quantized
     assert all(sum(g.dq_producer(t) is not None for t in a.input) == 1 for a in adds)
     try:
-        from trt_qat.onnx.lint.linter import lint_onnx
+        from trt_qat.onnx.lint import lint_onnx
     except ImportError:  # pragma: no cover - the linter ships with trt_qat
         return
     lint = lint_onnx(str(path))

@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trt_qat.calibration.reduce import all_reduce_calibrators, sync_calibrators
 from trt_qat.config import CALIB_METHODS, CalibConfig
+from trt_qat.dist import all_reduce_mean, get_world_size, is_distributed
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.quantizer import iter_quantizers
+from trt_qat.fileio import atomic_torch_save, read_checkpoint
+from trt_qat.quant.quantizer import activation_quantizers, iter_quantizers
 
 __all__ = ["batch_input", "collect_stats", "compute_amax", "calibrate", "save_amax", "load_amax"]
 
@@ -46,10 +49,6 @@ def _model_device(model: nn.Module, device=None) -> torch.device:
     return torch.device("cpu")
 
 
-def _activation_quantizers(model):
-    return [(n, q) for n, q in iter_quantizers(model) if getattr(q, "role", "input") != "weight" and not q._disabled]
-
-
 def _weight_quantizers(model):
     """(quantizer, weight) pairs, found through the modules that own them."""
     out = []
@@ -74,7 +73,7 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
         progress (bool): show a tqdm bar. Defaults to True.
 
     Under torchrun (a torch.distributed group is up) every rank collects on its own shard and the statistics are
-    then reduced across ranks (max for amax, sum for histograms; see :mod:`trt_qat.distributed`): every rank ends
+    then reduced across ranks (max for amax, sum for histograms; see :mod:`trt_qat.calibration.reduce`): every rank ends
     with the statistics of all the data.
 
     Returns:
@@ -82,9 +81,8 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
     """
     from tqdm import tqdm
 
-    from trt_qat.dist import all_reduce_calibrators, is_distributed, sync_calibrators
 
-    quantizers = _activation_quantizers(model)
+    quantizers = activation_quantizers(model)
     if not quantizers:
         raise TrtQatError("the model has no activation quantizers; call trt_qat.quantize(model) first")
     device = _model_device(model, device)
@@ -114,8 +112,6 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
             q.enable_quant()
         model.train(was_training)
     if distributed:
-        from trt_qat.dist import all_reduce_mean, get_world_size
-
         seen_all = round(all_reduce_mean(seen) * get_world_size())
         if seen_all:
             all_reduce_calibrators(model)
@@ -155,7 +151,7 @@ def compute_amax(model: nn.Module, method: str = "percentile", percentile: float
         raise TrtQatError(f"unknown calibration method '{method}'; choose one of {', '.join(CALIB_METHODS)}")
     result = {}
     set_weight_amax(model)
-    for name, q in _activation_quantizers(model):
+    for name, q in activation_quantizers(model):
         cal = q._calibrator
         if cal.empty:
             LOG.warning("quantizer '%s' saw no data during calibration (its layer never ran in forward); it is "
@@ -188,19 +184,14 @@ def calibrate(model: nn.Module, data, method: str = "percentile", percentile: fl
 
 def save_amax(model: nn.Module, path) -> Path:
     """Write ``{quantizer_name: amax}`` atomically (torch.save), e.g. ``calib/<run>/amax.pt``."""
-    from trt_qat.fileio import atomic_path
-
     table = {name: q.amax.detach().cpu().clone() for name, q in iter_quantizers(model) if q.amax is not None}
-    with atomic_path(path) as tmp:
-        torch.save({"format": "trt_qat.amax/1", "amax": table,
-                    "disabled": [name for name, q in iter_quantizers(model) if q._disabled]}, tmp)
+    atomic_torch_save({"format": "trt_qat.amax/1", "amax": table,
+                       "disabled": [name for name, q in iter_quantizers(model) if q._disabled]}, path)
     return Path(path)
 
 
 def load_amax(model: nn.Module, path) -> int:
     """Load amax values written by :func:`save_amax`; returns how many quantizers were set."""
-    from trt_qat.fileio import read_checkpoint
-
     data = read_checkpoint(path)
     if not isinstance(data, dict) or data.get("format") != "trt_qat.amax/1":
         raise TrtQatError(f"'{path}' is not a trt_qat amax file; write one with save_amax() or `trt-qat calibrate`")

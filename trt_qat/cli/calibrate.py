@@ -29,7 +29,7 @@ def main(argv=None):
 
     from trt_qat import dist as dist_util
     from trt_qat.config import QuantConfig, check_device
-    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.fileio import ensure_dir
     from trt_qat.quant.checkpoint import save_quantized
     from trt_qat.quant.instrument import quantize

@@ -1,4 +1,4 @@
-"""`trt-qat lint`: the command line over :mod:`trt_qat.onnx.lint.linter`."""
+"""`trt-qat lint`: the command line over :mod:`trt_qat.onnx.lint`."""
 from __future__ import annotations
 
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.errors import LOG
 from trt_qat.fileio import atomic_write_json
-from trt_qat.onnx.lint.linter import lint_onnx
+from trt_qat.onnx.lint import lint_onnx
 
 
 @cli_main

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from trt_qat.cli.args import ArgumentParser, cli_main, non_negative_int
-from trt_qat.data.digits_det import _count_boxes, generate_digits_det
+from trt_qat.data.digits_det import count_boxes, generate_digits_det
 
 
 @cli_main
@@ -29,7 +29,7 @@ def main(argv=None):
     parts = []
     for split in ("train", "val", "calib"):
         n_img = len(list((root / "images" / split).glob("*.png")))
-        parts.append(f"{split} {n_img} images / {_count_boxes(root / 'labels' / split)} boxes")
+        parts.append(f"{split} {n_img} images / {count_boxes(root / 'labels' / split)} boxes")
     print(f"digits-det: {', '.join(parts)} -> {data_yaml} ({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -25,7 +25,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from trt_qat import dist as dist_util
-    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.fileio import ensure_dir
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.adapter import adapter_for_model

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.errors import TrtQatError
-from trt_qat.report.write import _load_rows, merge_rows, write_report
+from trt_qat.report.write import load_rows, merge_rows, write_report
 
 
 @cli_main
@@ -21,7 +21,7 @@ def main(argv=None):
         path = Path(p)
         if not path.is_file():
             raise TrtQatError(f"report input '{path}' does not exist; check the path")
-        rows += _load_rows(path)
+        rows += load_rows(path)
     md = write_report(merge_rows(rows), args.out, meta={"inputs": args.inputs}, title=args.title)
     print(f"report: {md} ({len(rows)} rows)")
     return 0

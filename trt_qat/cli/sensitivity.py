@@ -64,7 +64,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from trt_qat.config import check_device
-    from trt_qat.data.yolo import YoloDataset, build_dataloader
+    from trt_qat.data.dataset import build_dataloader
+    from trt_qat.data.yolo import YoloDataset
     from trt_qat.fileio import atomic_write_json, atomic_write_text, ensure_dir
     from trt_qat.quant.checkpoint import load_quantized
     from trt_qat.quant.instrument import check_amax

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_qat.data.yolo import DetectionDataset, _scan_split
+from trt_qat.data.dataset import DetectionDataset
+from trt_qat.data.yolo import scan_split
 from trt_qat.errors import LOG, TrtQatError
 
 __all__ = ["CocoDataset"]
@@ -110,7 +111,7 @@ class CocoDataset(DetectionDataset):
             LOG.warning("skipped %d image%s of '%s' missing from '%s' (first: %s)", len(missing),
                         "s" if len(missing) != 1 else "", ann_json, images_dir, missing[0])
         # probe decodability and true sizes; boxes are normalized afterwards, against the file's real size
-        kept = _scan_split(list(by_path), lambda p: (np.zeros((0, 5), np.float32), []), str(images_dir))
+        kept = scan_split(list(by_path), lambda p: (np.zeros((0, 5), np.float32), []), str(images_dir))
         size_mismatch = []
         items = []
         json_sizes = {image_id: (h, w) for image_id, _f, h, w in images}

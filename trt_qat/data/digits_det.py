@@ -27,7 +27,7 @@ import numpy as np
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_write_text, ensure_dir
 
-__all__ = ["DIGIT_NAMES", "GENERATOR_NAME", "GENERATOR_VERSION", "generate_digits_det"]
+__all__ = ["DIGIT_NAMES", "GENERATOR_NAME", "GENERATOR_VERSION", "generate_digits_det", "count_boxes"]
 
 GENERATOR_NAME = "digits-det"
 GENERATOR_VERSION = 1
@@ -275,5 +275,6 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _count_boxes(label_dir: Path) -> int:
+def count_boxes(label_dir: Path) -> int:
+    """The number of boxes (label lines) in a split's label directory."""
     return sum(len(p.read_text().splitlines()) for p in label_dir.glob("*.txt"))

@@ -20,7 +20,7 @@ __all__ = ["evaluate", "predict_dataset", "coco_map"]
 
 def _batches(dataset, batch_size: int, max_images):
     """Yield ``(imgs [B,3,H,W] tensor, metas)`` in dataset order."""
-    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.data.dataset import build_dataloader
 
     n = len(dataset) if max_images is None else min(len(dataset), max(int(max_images), 0))
     if n < len(dataset):

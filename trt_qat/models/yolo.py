@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_path
+from trt_qat.fileio import atomic_torch_save
 
 __all__ = ["ConvBNAct", "Bottleneck", "C3", "SPPF", "Detect", "YoloDetector", "build_model", "MODEL_NAMES",
            "SCALES", "DEFAULT_ANCHORS", "DEFAULT_STRIDES", "save_checkpoint", "load_checkpoint", "model_from_cfg",
@@ -271,8 +271,7 @@ def save_checkpoint(model: YoloDetector, path, **extra) -> Path:
     if cfg is None:
         raise TrtQatError(f"{type(model).__name__} has no .cfg; only built-in detectors can be saved this way")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"model_cfg": dict(cfg), "state_dict": state, **extra}, tmp)
+    atomic_torch_save({"model_cfg": dict(cfg), "state_dict": state, **extra}, path)
     return Path(path)
 
 

@@ -1,7 +1,8 @@
 """The one ONNX loader, and the small questions every stage asks of an ONNX graph (Q/DQ present, opset, inputs).
 
 The linter, the FP16 pass, the engine builder, evaluation and the benchmark all load through :func:`load_onnx`,
-so a missing, corrupt or non-ONNX file is the same one-line error everywhere.
+so a missing, corrupt or non-ONNX file is a one-line error everywhere (in the same words, except where a tool
+words the unreadable-file error for its own users through ``unreadable``).
 """
 from __future__ import annotations
 
@@ -13,14 +14,21 @@ from trt_qat.fileio import require_file
 __all__ = ["QDQ_OPS", "load_onnx", "has_qdq", "onnx_opset", "onnx_inputs"]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+_UNREADABLE = "'{path}' is corrupt or not an ONNX model ({error}); re-export it with `trt-qat export`"
 
 
-def load_onnx(path, load_external_data: bool = False):
+def load_onnx(path, load_external_data: bool = False, *, unreadable: str = _UNREADABLE, check: bool = True):
     """Load an ONNX file or raise a one-line TrtQatError saying it is missing, corrupt or not ONNX.
 
     Args:
         path (str | Path): the file.
         load_external_data (bool): also load external weight files. Defaults to False (the graph is enough).
+        unreadable (str): the error message for a file ONNX cannot parse, a template with the fields ``{path}``,
+            ``{error}`` (the exception's type) and ``{detail}`` (the first 200 characters of its message), for
+            tools that word it for their own users (the linter reads other exporters' files). Defaults to
+            "'{path}' is corrupt or not an ONNX model ({error}); re-export it with `trt-qat export`".
+        check (bool): refuse a parsed model with no IR version, graph nodes or outputs. Defaults to True; a
+            caller that passes False checks what it needs itself.
 
     Returns:
         onnx.ModelProto: the model.
@@ -31,9 +39,8 @@ def load_onnx(path, load_external_data: bool = False):
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise TrtQatError(f"'{path}' is corrupt or not an ONNX model ({type(exc).__name__}); "
-                          "re-export it with `trt-qat export`") from None
-    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise TrtQatError(unreadable.format(path=path, error=type(exc).__name__, detail=str(exc)[:200])) from None
+    if check and (model.ir_version <= 0 or not model.graph.node or not model.graph.output):
         raise TrtQatError(f"'{path}' is not an ONNX model (no graph nodes or outputs); "
                           "re-export it with `trt-qat export`")
     return model

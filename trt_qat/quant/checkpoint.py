@@ -8,7 +8,7 @@ from torch import nn
 
 from trt_qat.config import QuantConfig, from_dict
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_path, read_checkpoint
+from trt_qat.fileio import atomic_torch_save, read_checkpoint
 from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model
 from trt_qat.quant.instrument import quantize
 from trt_qat.quant.quantizer import iter_quantizers
@@ -34,8 +34,7 @@ def save_quantized(model: nn.Module, path, extra: dict | None = None):
         "disabled_quantizers": [name for name, q in iter_quantizers(model) if q._disabled],
     }
     ckpt.update(extra or {})
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    atomic_torch_save(ckpt, path)
     return path
 
 

@@ -9,15 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trt_qat.quant.fake_quant import (
-    FakeQuantCache,
-    HistogramMaxCalibrator,
-    fake_quant,
-    remember_fake_quant,
-    reuse_fake_quant,
-)
+from trt_qat.quant.calibrator import HistogramMaxCalibrator
+from trt_qat.quant.fake_quant import FakeQuantCache, fake_quant, remember_fake_quant, reuse_fake_quant
 
-__all__ = ["TrtQuantizer", "iter_quantizers", "quantizer_enabled", "quant_nn", "quiet_absl"]
+__all__ = ["TrtQuantizer", "iter_quantizers", "activation_quantizers", "quantizer_enabled", "quant_nn", "quiet_absl"]
 
 
 def quant_nn():
@@ -119,3 +114,9 @@ def iter_quantizers(model: nn.Module):
 def quantizer_enabled(q) -> bool:
     """Whether quantizer ``q`` fake-quantizes (neither disabled nor with quantization switched off)."""
     return not q._disabled and q._if_quant
+
+
+def activation_quantizers(model: nn.Module) -> list:
+    """``(name, quantizer)`` of every enabled activation (non-weight) quantizer: the ones calibration collects
+    statistics for."""
+    return [(n, q) for n, q in iter_quantizers(model) if getattr(q, "role", "input") != "weight" and not q._disabled]

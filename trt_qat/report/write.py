@@ -17,7 +17,7 @@ from pathlib import Path
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_dir
 
-__all__ = ["write_report", "format_markdown_table", "pareto_front"]
+__all__ = ["write_report", "format_markdown_table", "pareto_front", "load_rows", "merge_rows"]
 
 COLUMNS = [
     ("variant", "variant"), ("backend", "backend"), ("precision", "precision"), ("batch", "batch"),
@@ -169,7 +169,8 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
     return out / "report.md"
 
 
-def _load_rows(path: Path):
+def load_rows(path: Path):
+    """The report rows of one JSON file (an eval, bench or report JSON); one TrtQatError when it holds none."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -124,7 +124,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         dict: ``checkpoint``, ``best_epoch``, ``map50``, ``map50_95`` (of the best checkpoint), ``epochs``,
         ``seconds``, ``seconds_per_epoch`` and ``history`` (per evaluated epoch: epoch, loss, map50, map50_95).
     """
-    from trt_qat.data.yolo import build_dataloader
+    from trt_qat.data.dataset import build_dataloader
     from trt_qat.fileio import check_writable_file
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.adapter import get_adapter

@@ -1,0 +1,131 @@
+""":func:`lint_onnx`: load the model, build its graph view, run the checks in order and count the findings."""
+from __future__ import annotations
+
+import re
+
+from trt_qat.errors import LOG, TrtQatError
+from trt_qat.fileio import require_file
+from trt_qat.onnx.io import load_onnx
+from trt_qat.onnx.lint.checks_layers import check_weighted
+from trt_qat.onnx.lint.checks_nodes import check_opset, check_qdq_nodes
+from trt_qat.onnx.lint.checks_scales import (
+    check_add,
+    check_commuting,
+    check_concat,
+    check_multi_scale_tensors,
+    check_requantize_chains,
+)
+from trt_qat.onnx.lint.report import MISMATCH_CODES, Finding, LintReport
+from trt_qat.onnx.lint.walks import SCALE_SHARING_OPS, QdqGraph
+
+__all__ = ["LintContext", "lint_onnx"]
+
+_UNREADABLE = ("cannot read ONNX model '{path}' ({error}: {detail}); check that the file is a complete ONNX "
+               "export (re-export it if it was truncated)")
+
+
+class LintContext:
+    """What the checks share: the graph, the skip patterns, and the findings and statistics collected so far.
+
+    Args:
+        model (onnx.ModelProto): the model.
+        skip_nodes (list[str] | None): regular expressions of node names left in float on purpose.
+
+    Raises:
+        re.error: when a skip pattern is not a valid regular expression.
+    """
+
+    def __init__(self, model, skip_nodes):
+        self.model = model
+        self.g = QdqGraph(model)
+        self.skip = [re.compile(p) for p in (skip_nodes or [])]
+        self.findings = []
+        self.stats = {}
+
+    def add(self, severity, code, node, message, fix=""):
+        """Record a finding about ``node`` (an onnx-graphsurgeon Node)."""
+        self.findings.append(Finding(severity, code, self.g.name(node), message, fix, node.op))
+
+    def is_skipped(self, node) -> bool:
+        name = self.g.name(node)
+        return any(p.search(name) for p in self.skip)
+
+    def run(self):
+        """Run every check; returns ``(findings, stats)``."""
+        import onnx
+
+        check_opset(self)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, check_type=False, strict_mode=False)
+            self.g.add_shapes(inferred)
+            self.stats["shape_inference"] = "ok"
+        except Exception as exc:  # large models (>2 GB) or custom ops
+            LOG.warning("ONNX shape inference failed (%s); MAC counts use the shapes stored in the model", exc)
+            self.stats["shape_inference"] = f"failed: {type(exc).__name__}"
+        check_qdq_nodes(self)
+        check_weighted(self)
+        has_qdq = self.stats.get("quantize_nodes", 0) + self.stats.get("dequantize_nodes", 0) > 0
+        if has_qdq:
+            for node in self.g.nodes:
+                if node.op == "Concat":
+                    check_concat(self, node)
+                elif node.op in ("Add", "Sum"):
+                    check_add(self, node)
+                elif node.op in SCALE_SHARING_OPS:
+                    check_commuting(self, node)
+            check_multi_scale_tensors(self)
+            check_requantize_chains(self)
+        counts = {}
+        for f in self.findings:
+            counts[f.code] = counts.get(f.code, 0) + 1
+        self.stats.update({
+            "nodes": len(self.g.nodes),
+            "scale_mismatches": sum(1 for f in self.findings if f.code in MISMATCH_CODES),
+            "requantize_chains": counts.get("requantize-chain", 0),
+            "reformat_sites": sum(1 for f in self.findings if f.reformat),
+            "errors": sum(1 for f in self.findings if f.severity == "error"),
+            "warnings": sum(1 for f in self.findings if f.severity == "warning"),
+            "finding_counts": counts,
+        })
+        return self.findings, self.stats
+
+
+def _model_and_name(model_or_path):
+    """The model (a ModelProto as given, or a file read through :func:`trt_qat.onnx.io.load_onnx`) and the name
+    the report gives it."""
+    import onnx
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "<ModelProto>"
+    path = require_file(model_or_path, "ONNX model", "pass the path of an exported .onnx file")
+    model = load_onnx(path, load_external_data=True, unreadable=_UNREADABLE, check=False)
+    if not model.graph.node:
+        raise TrtQatError(f"ONNX model '{path}' has no graph nodes; check that the file is an ONNX model "
+                          "and not a checkpoint or an engine")
+    return model, str(path)
+
+
+def lint_onnx(model_or_path, skip_nodes=None) -> LintReport:
+    """Lint the Q/DQ placement of an ONNX model for TensorRT explicit quantization.
+
+    Args:
+        model_or_path (onnx.ModelProto | str | Path): the model or the path of an ``.onnx`` file.
+        skip_nodes (list[str]): regular expressions (``re.search`` on node names) of weighted layers left in
+            float on purpose; they are reported as ``float-by-choice`` and excluded from
+            ``int8_coverage_excluding_skipped``. Defaults to None (no layer skipped).
+
+    Returns:
+        LintReport: the findings and statistics (``int8_coverage``, ``scale_mismatches``,
+        ``requantize_chains``, ``reformat_sites``, ``float_layers``, ...).
+
+    Raises:
+        TrtQatError: when the file is missing or is not a readable ONNX model, or a skip regex is invalid.
+    """
+    model, name = _model_and_name(model_or_path)
+    try:
+        ctx = LintContext(model, skip_nodes)
+    except re.error as exc:
+        raise TrtQatError(f"invalid --skip regular expression ({exc}); quote it and escape special characters") \
+            from None
+    findings, stats = ctx.run()
+    return LintReport(findings=findings, stats=stats, model=name)
