@@ -3,7 +3,7 @@ on a 2-core machine spinning threads slow each other down), and the tiny digits-
 import pytest
 import torch
 
-pytest_plugins = ["fixtures_data"]
+pytest_plugins = ["fixtures_data", "fixtures_onnx"]
 
 
 @pytest.fixture(autouse=True, scope="session")

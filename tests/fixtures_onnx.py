@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -54,3 +55,15 @@ def make_qdq_convnet(path, channels=4, size=8, opset=13, qdq=True, batch="batch"
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+@pytest.fixture
+def qdq_onnx(tmp_path):
+    """A small Q/DQ ONNX (dynamic batch) in the test's tmp_path."""
+    return make_qdq_convnet(tmp_path / "net_qdq.onnx")
+
+
+@pytest.fixture
+def fp32_onnx(tmp_path):
+    """The same small net in FP32, without Q/DQ."""
+    return make_qdq_convnet(tmp_path / "net_fp32.onnx", qdq=False)

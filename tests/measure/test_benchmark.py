@@ -6,7 +6,6 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-from fixtures_onnx import make_qdq_convnet
 
 from trt_qat.cli import bench as bench_cli
 from trt_qat.errors import TrtQatError
@@ -15,11 +14,6 @@ from trt_qat.runners.base import BaseRunner
 from trt_qat.runners.onnxrt import OnnxrtRunner
 
 FAST = dict(warmup_ms=5, duration_s=0.05, iterations=5)
-
-
-@pytest.fixture
-def qdq_onnx(tmp_path):
-    return make_qdq_convnet(tmp_path / "net_qdq.onnx")
 
 
 def test_latency_stats():

@@ -8,16 +8,6 @@ from trt_qat.errors import TrtQatError
 from trt_qat.onnx import io
 
 
-@pytest.fixture
-def qdq_onnx(tmp_path):
-    return make_qdq_convnet(tmp_path / "net_qdq.onnx")
-
-
-@pytest.fixture
-def fp32_onnx(tmp_path):
-    return make_qdq_convnet(tmp_path / "net_fp32.onnx", qdq=False)
-
-
 # --- -----------------------------------------------------------------------------------------
 def test_onnx_facts(qdq_onnx, fp32_onnx):
     model = io.load_onnx(qdq_onnx)

@@ -19,16 +19,6 @@ from trt_qat.trt.util import gpu_info
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.fixture
-def qdq_onnx(tmp_path):
-    return make_qdq_convnet(tmp_path / "net_qdq.onnx")
-
-
-@pytest.fixture
-def fp32_onnx(tmp_path):
-    return make_qdq_convnet(tmp_path / "net_fp32.onnx", qdq=False)
-
-
 def run_main_error(capsys, argv) -> str:
     """Run main(argv), expect exit code 2 and exactly one line on stderr; return that line."""
     with pytest.raises(SystemExit) as exc:
