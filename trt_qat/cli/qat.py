@@ -1,6 +1,8 @@
 """`trt-qat qat`: the command line over :mod:`trt_qat.train.qat`."""
 from __future__ import annotations
 
+import torch
+
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.config import QATConfig, check_device
 from trt_qat.train.qat import finetune
@@ -8,7 +10,7 @@ from trt_qat.train.qat import finetune
 
 @cli_main
 def main(argv=None):
-    from trt_qat.cli.args import add_data_args, make_dataset, positive_float, positive_int
+    from trt_qat.cli.args import add_data_args, make_dataset, non_negative_int, positive_float, positive_int
 
     parser = ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
                                      "calibrated checkpoint (scales frozen by default). Resumes from --out/last.pt.")
@@ -22,6 +24,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/qat", help="checkpoint directory (last.pt, best.pt)")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the data order (and of everything else random); same seed, same run. Default 0")
     args = parser.parse_args(argv)
 
     from trt_qat import dist as dist_util
@@ -51,8 +55,12 @@ def main(argv=None):
         if world > 1:
             from torch.utils.data.distributed import DistributedSampler
 
-            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
-        loader = build_dataloader(train, batch_size=args.batch_size, shuffle=True, sampler=sampler)
+            sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        else:  # its own generator: the order depends on the seed alone (saved in last.pt, so a resumed run
+            # continues the same order)
+            sampler = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(args.seed))
+        torch.manual_seed(args.seed)
+        loader = build_dataloader(train, batch_size=args.batch_size, sampler=sampler)
         cfg = QATConfig(epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                         max_steps_per_epoch=args.max_steps, freeze_amax=not args.no_freeze_amax,
                         device=str(device) if device is not None else None)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.train.loop import build_optimizer, fit, warmup_cosine
+from trt_qat.train.loop import build_optimizer, fit, run_fingerprint, warmup_cosine
 
-__all__ = ["train_fp32", "ModelEMA", "LossItems", "seed_everything"]
+__all__ = ["train_fp32", "ModelEMA", "LossItems", "seed_everything", "last_checkpoint_path"]
 
 
 def seed_everything(seed: int) -> None:
@@ -65,6 +65,13 @@ class ModelEMA:
         """Loop hook: update the average after every optimizer step."""
         self.update(loop.model)
 
+    def state_dict(self) -> dict:
+        return {"ema": self.ema.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.updates = int(state["updates"])
+
 
 class LossItems:
     """Loop hook: the per-epoch mean of the loss components a ``loss_fn`` leaves in ``loss_fn.last_items``."""
@@ -81,6 +88,18 @@ class LossItems:
         self.epochs.append((self._running / max(self._n, 1)).tolist() if self._running is not None else [])
         self._running, self._n = None, 0
 
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = [list(e) for e in state["epochs"]]
+
+
+def last_checkpoint_path(out) -> Path:
+    """Where :func:`train_fp32` keeps its resume state for best checkpoint ``out``: ``<out stem>.last.pt``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.last{out.suffix or '.pt'}")
+
 
 def _resolve_device(device) -> torch.device:
     from trt_qat.config import check_device
@@ -93,7 +112,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
                optimizer: str = "sgd", eval_every: int | None = None, augment: bool = True,
                warmup_epochs: float = 2.0, lrf: float = 0.05, ema_decay: float | None = None,
                max_train_images: int | None = None, max_val_images: int | None = None,
-               threads: int | None = None, family: str | None = None) -> dict:
+               threads: int | None = None, family: str | None = None, resume: bool = True) -> dict:
     """Train a built-in detector from scratch in FP32 and keep the best checkpoint (by val mAP50-95).
 
     Args:
@@ -119,6 +138,8 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         max_val_images (int | None): evaluate only the first N validation images. Defaults to None (all).
         threads (int | None): ``torch.set_num_threads`` for CPU training. Defaults to torch's choice.
         family (str | None): the model family (:mod:`trt_qat.models.adapter`). Defaults to the built-in detector.
+        resume (bool): continue a killed run of the same settings from ``<out>.last.pt`` (written after every
+            epoch with the optimizer, EMA and random states, and removed when the run completes). Defaults to True.
 
     Returns:
         dict: ``checkpoint``, ``best_epoch``, ``map50``, ``map50_95`` (of the best checkpoint), ``epochs``,
@@ -178,10 +199,20 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         adapter.save(ema.ema, path, epoch=extra["epoch"] + 1, map50=extra["map50"], map50_95=extra["map50_95"],
                      train_args=train_args)
 
+    def save_last(_model, path, extra):
+        adapter.save(model, path, **extra)
+
+    last = last_checkpoint_path(out)
+    eval_every = max(1, int(eval_every) if eval_every else max(1, epochs // 10))
+    settings = {**train_args, "warmup_epochs": warmup_epochs, "lrf": lrf, "ema_decay": ema_decay,
+                "eval_every": eval_every, "max_train_images": max_train_images, "max_val_images": max_val_images,
+                "family": adapter.family}
     start = time.perf_counter()
     result = fit(model, loader, loss_fn, opt, epochs=epochs, lr_at=lr_at, grad_clip=10.0, hooks=[ema, items],
-                 eval_fn=eval_fn, eval_every=max(1, int(eval_every) if eval_every else max(1, epochs // 10)),
-                 save_fn=save_best, best_path=out, restore_best=False, device=dev, desc="train", what="training")
+                 eval_fn=eval_fn, eval_every=eval_every, save_fn=save_last, save_best_fn=save_best, best_path=out,
+                 last_path=last, resume=resume, fingerprint=run_fingerprint(settings, model),
+                 restore_best=False, device=dev, desc="train", what="training")
+    last.unlink(missing_ok=True)  # complete: nothing to resume
     seconds = time.perf_counter() - start
     history = []
     for record, mean_items in zip(result["history"], items.epochs):

@@ -193,7 +193,7 @@ def _set_rng_state(data, state: dict) -> None:
         gen.set_state(state["sampler"])
 
 
-def _resume(path: Path, loop: LoopState, fingerprint, data, what: str):
+def _resume(path: Path, loop: LoopState, fingerprint, data, what: str, hooks):
     """Load ``path`` (``last``) into ``loop`` when it was written by the same run; returns the best state or None."""
     try:
         state = read_checkpoint(path)
@@ -217,6 +217,9 @@ def _resume(path: Path, loop: LoopState, fingerprint, data, what: str):
     loop.step = loop.epoch * loop.steps_per_epoch
     loop.history = state.get("history", [])
     loop.best_score, loop.best_epoch = state.get("best_score"), state.get("best_epoch")
+    for hook, hook_state in zip(hooks, state.get("hooks") or []):
+        if hook_state is not None and hasattr(hook, "load_state_dict"):
+            hook.load_state_dict(hook_state)
     if state.get("rng"):
         _set_rng_state(data, state["rng"])
     LOG.info("resuming from %s (epoch %d of %d)", path, loop.epoch + 1, loop.epochs)
@@ -232,9 +235,11 @@ def _call_hooks(hooks, event: str, loop: LoopState) -> None:
 
 def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps_per_epoch: int | None = None,
         grad_clip: float | None = 10.0, teacher: Teacher | None = None, hooks=(), eval_fn=None, eval_every: int = 1,
-        higher_is_better: bool = True, save_fn=None, last_path=None, best_path=None, resume: bool = True,
-        fingerprint: str | None = None, restore_best: bool = True, device=None, progress: bool = True,
-        desc: str = "train", what: str = "training", is_main_process: bool | None = None) -> dict:
+        higher_is_better: bool = True, save_fn=None, save_best_fn=None, last_path=None, best_path=None,
+        resume: bool = True, fingerprint: str | None = None, restore_best: bool = True, device=None,
+        progress: bool = True,
+        desc: str = "train", what: str = "training", diverge_factor: float | None = 1e3,
+        is_main_process: bool | None = None) -> dict:
     """Train ``model`` on ``data`` for ``epochs`` epochs.
 
     Under torchrun (a torch.distributed group is up, :mod:`trt_qat.dist`) the model, and only the model, is wrapped
@@ -252,7 +257,9 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
         steps_per_epoch (int | None): cap on steps per epoch. Defaults to ``len(data)``.
         grad_clip (float | None): max gradient norm. Defaults to 10.0.
         teacher (Teacher | None): a frozen teacher for the loss. Defaults to None.
-        hooks (Sequence): objects with ``on_epoch_start``/``after_step``/``on_epoch_end(loop)``. Defaults to none.
+        hooks (Sequence): objects with ``on_epoch_start``/``after_step``/``on_epoch_end(loop)``; a hook with
+            ``state_dict()``/``load_state_dict()`` has its state saved in ``last`` and restored on resume. Defaults
+            to none.
         eval_fn (Callable | None): ``eval_fn(model) -> float | dict`` (a dict has a ``"score"``), run after every
             ``eval_every`` epochs and after the last. Defaults to None.
         eval_every (int): Defaults to 1.
@@ -260,6 +267,8 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
         save_fn (Callable | None): ``save_fn(model, path, extra: dict)`` writes a checkpoint atomically; ``extra``
             holds the 0-based ``epoch`` and the eval entries for ``best``, the resume state for ``last``. Defaults
             to None (no checkpoints).
+        save_best_fn (Callable | None): writes ``best`` instead of ``save_fn`` (e.g. an EMA of the weights).
+            Defaults to ``save_fn``.
         last_path (str | Path | None): written every epoch (with optimizer and RNG states), resumed from.
         best_path (str | Path | None): written when the score improves.
         resume (bool): continue from ``last_path`` when it exists and has the same ``fingerprint``. Defaults to
@@ -270,6 +279,9 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
         progress (bool): tqdm bars. Defaults to True.
         desc (str): progress-bar and log label. Defaults to "train".
         what (str): what the run is called in messages ("QAT"). Defaults to "training".
+        diverge_factor (float | None): stop with one TrtQatError when a step's loss exceeds this many times the
+            first step's (the run diverged), as well as on a non-finite loss or weight. Defaults to 1e3; None turns
+            the ratio check off.
         is_main_process (bool | None): whether this process evaluates and writes. Defaults to rank 0.
 
     Returns:
@@ -288,7 +300,7 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
     last_path = Path(last_path) if last_path else None
     best_path = Path(best_path) if best_path else None
     best_state = None
-    if last_path and resume and last_path.is_file() and _resume(last_path, loop, fingerprint, data, what):
+    if last_path and resume and last_path.is_file() and _resume(last_path, loop, fingerprint, data, what, hooks):
         if best_path and best_path.is_file() and loop.best_epoch is not None:
             best_state = read_checkpoint(best_path)["state_dict"]
 
@@ -304,6 +316,7 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
             return True
         return score > loop.best_score if higher_is_better else score < loop.best_score
 
+    first_loss = None
     for epoch in range(loop.epoch, loop.epochs):
         loop.epoch = epoch
         net.train()
@@ -324,20 +337,28 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
                 else:
                     group["lr"] = value
             loss = loss_fn(net, batch) if teacher is None else loss_fn(net, batch, teacher)
-            if not torch.isfinite(loss):
-                raise TrtQatError(f"{what} loss became {float(loss)} at epoch {epoch + 1} step {i}; lower --lr (now "
-                                  f"{optimizer.param_groups[0]['initial_lr']:g}) or check the inputs")
+            value = float(loss.detach())
+            if first_loss is None:
+                first_loss = value
+            if not math.isfinite(value) or (diverge_factor and value > diverge_factor * max(abs(first_loss), 1e-6)):
+                raise TrtQatError(f"{what} diverged: the loss went from {first_loss:.4g} to {value:.4g} at epoch "
+                                  f"{epoch + 1} step {i}; lower --lr (now {optimizer.param_groups[0]['initial_lr']:g}) "
+                                  "or check the inputs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            loop.loss = float(loss.detach())
+            loop.loss = value
             _call_hooks(hooks, "after_step", loop)
             running += loop.loss
             n += 1
             bar.set_postfix(loss=f"{running / n:.4f}")
         bar.close()
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise TrtQatError(f"{what} diverged: weight '{bad}' is no longer finite after epoch {epoch + 1}; lower "
+                              f"--lr (now {optimizer.param_groups[0]['initial_lr']:g}) or check the inputs")
         loop.step = (epoch + 1) * loop.steps_per_epoch
         _call_hooks(hooks, "on_epoch_end", loop)
         record = {"epoch": epoch + 1, "loss": dist.all_reduce_mean(running / max(n, 1)),
@@ -352,8 +373,8 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
                 loop.best_score, loop.best_epoch = score, epoch + 1
                 if restore_best:
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if best_path and save_fn and main:
-                    save_fn(model, best_path, {"epoch": epoch, **extra})
+                if best_path and (save_best_fn or save_fn) and main:
+                    (save_best_fn or save_fn)(model, best_path, {"epoch": epoch, **extra})
         loop.history.append(record)
         LOG.info("%s epoch %d/%d loss %.4f%s (%.0fs)", desc, epoch + 1, loop.epochs, record["loss"],
                  f" score {record['score']:.4f}" if "score" in record else "", record["seconds"])
@@ -361,7 +382,8 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
             save_fn(model, last_path, {
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": loop.history,
                 "best_score": loop.best_score, "best_epoch": loop.best_epoch, "fingerprint": fingerprint,
-                "rng": _rng_state(data)})
+                "rng": _rng_state(data),
+                "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks]})
     dist.barrier()  # the main process's checkpoints are on disk before any process goes on
     if best_state is not None:
         model.load_state_dict(best_state)
