@@ -19,9 +19,30 @@ __all__ = ["QuantConfig", "CalibConfig", "QATConfig", "ExportConfig", "DataConfi
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
 
 
+#: input sizes trt_qat accepts: a multiple of the detectors' largest stride, within what a GPU can hold
+MIN_IMGSZ, MAX_IMGSZ = 32, 8192
+#: the largest learning rate accepted: larger ones only diverge (fine-tuning uses about 1e-4)
+MAX_LR = 1.0
+
+
 def _check(cond: bool, msg: str):
     if not cond:
         raise TrtQatError(msg)
+
+
+def check_imgsz(value, key: str = "imgsz") -> int:
+    """``value`` if it is an input size trt_qat takes: an integer multiple of 32 in [32, 8192]."""
+    _check(isinstance(value, int) and not isinstance(value, bool) and MIN_IMGSZ <= value <= MAX_IMGSZ
+           and value % 32 == 0, f"{key}={value!r} must be a multiple of 32 between {MIN_IMGSZ} and {MAX_IMGSZ} "
+           "(e.g. 640)")
+    return value
+
+
+def check_lr(value, key: str = "lr") -> float:
+    """``value`` if it is a usable learning rate: finite, > 0 and at most 1."""
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_LR,
+           f"{key}={value!r} must be a number in (0, {MAX_LR:g}]; fine-tuning uses about 1e-4")
+    return float(value)
 
 
 def check_device(device):
@@ -38,6 +59,8 @@ def check_device(device):
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise TrtQatError(f"unknown device '{device}'; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise TrtQatError(f"device '{device}' is not supported; trt_qat runs on 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise TrtQatError(f"device '{device}' requested but CUDA is not available here; pass --device cpu or "
@@ -169,7 +192,7 @@ class QATConfig:
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"qat.epochs={self.epochs} must be >= 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"qat.lr={self.lr} must be a positive number")
+        check_lr(self.lr, "qat.lr")
         _check(0 <= self.min_lr_ratio <= 1, "qat.min_lr_ratio must be in [0, 1]")
         _check(self.optimizer in ("sgd", "adamw"), f"qat.optimizer '{self.optimizer}' unknown; use sgd or adamw")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
@@ -195,6 +218,7 @@ class ExportConfig:
 
     def __post_init__(self):
         check_opset(self.opset)
+        check_imgsz(self.imgsz, "export.imgsz")
 
 
 @dataclass
@@ -213,8 +237,12 @@ class DataConfig:
     workers: int = 0
 
     def __post_init__(self):
-        _check(self.imgsz % 32 == 0, f"data.imgsz={self.imgsz} must be a multiple of 32")
+        check_imgsz(self.imgsz, "data.imgsz")
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
+        for key in ("max_val_images", "max_train_images"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"data.{key}={value} must be >= 1 or null (all images)")
 
 
 @dataclass
@@ -240,6 +268,9 @@ class RunConfig:
         bad = [m for m in self.calib_methods if m not in CALIB_METHODS]
         _check(not bad, f"run.calib_methods has unknown method(s) {bad}; valid: {', '.join(CALIB_METHODS)}")
         _check(len(self.calib_methods) > 0, "run.calib_methods is empty; list at least one method")
+        _check(self.threads is None or self.threads >= 1, f"run.threads={self.threads} must be >= 1 or null "
+               "(torch's choice)")
+        _check(self.seed >= 0, f"run.seed={self.seed} must be >= 0")
 
 
 @dataclass

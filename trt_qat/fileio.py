@@ -13,7 +13,8 @@ from pathlib import Path
 from trt_qat.errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input"]
+           "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input", "output_lock",
+           "remove_stale_tmp", "write_unit"]
 
 
 def ensure_dir(path) -> Path:
@@ -144,3 +145,111 @@ def read_checkpoint(path, hint: str = "check the path or run the previous stage 
         raise TrtQatError(f"checkpoint '{path}' holds a {type(data).__name__}, not a trt_qat checkpoint (a dict); "
                           "pass a file written by trt-qat train, calibrate or qat")
     return data
+
+
+LOCK_NAME = ".trt_qat.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_tmp(directory) -> int:
+    """Remove the ``.<name>.*.tmp`` files a killed run left in ``directory`` and below (call it holding the lock of
+    that directory, so no live writer owns them); returns how many were removed."""
+    removed = 0
+    for tmp in Path(directory).rglob(".*.tmp"):
+        if tmp.is_file():
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(target, is_dir: bool = True):
+    """Hold ``target`` (an output directory, or with ``is_dir=False`` an output file, locked beside it) for this
+    process.
+
+    A second trt_qat run on the same target is refused with one line naming the holder's PID; a lock whose PID is
+    dead (a killed run) is taken over, and that run's leftover temporary files are removed. A directory this call
+    created is removed again when the run leaves it empty (it was refused before writing). Under torchrun only rank 0
+    writes, so only rank 0 locks.
+
+    Raises:
+        TrtQatError: when another live process holds the target.
+    """
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield Path(target)
+        return
+    target = Path(target)
+    directory = target if is_dir else target.parent
+    created = not directory.exists()
+    ensure_dir(directory)
+    lock = directory / (LOCK_NAME if directory == target else f".{target.name}.lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _pid_alive(pid):
+                raise TrtQatError(f"'{target}' is in use by another trt_qat run (PID {pid}); wait for it to finish, "
+                                  "or choose another output") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        break
+    if directory == target:
+        remove_stale_tmp(directory)
+    else:
+        for tmp in directory.glob(f".{target.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    try:
+        yield target
+    finally:
+        with contextlib.suppress(OSError):
+            if lock.read_text().strip() == str(os.getpid()):
+                lock.unlink()
+        if created:  # a run refused before it wrote anything leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def write_unit(directory, writers: dict, manifest: str = "MANIFEST.json") -> Path:
+    """Write several files of one stage as one unit: the old files and manifest go first, then each file (each
+    atomically), then the manifest, last. A run interrupted midway leaves no manifest and never a new file beside
+    a stale one from an earlier run.
+
+    Args:
+        directory (str | Path): where the files go.
+        writers (dict[str, Callable[[Path], object]]): file name -> a function that writes that path.
+        manifest (str): the manifest's name. Defaults to "MANIFEST.json".
+
+    Returns:
+        Path: the manifest (``{"files": {name: sha256}}``).
+    """
+    import hashlib
+
+    directory = ensure_dir(directory)
+    for name in (manifest, *writers):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+    digests = {}
+    for name, write in writers.items():
+        write(directory / name)
+        digests[name] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+    return atomic_write_json(directory / manifest, {"files": digests})

@@ -21,7 +21,6 @@ import torch
 
 from trt_qat.config import PipelineConfig
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.fileio import ensure_dir
 
 __all__ = ["run_pipeline", "output_agreement"]
 
@@ -74,6 +73,11 @@ def _state_size_mb(model) -> float:
     return sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 1e6
 
 
+def run_dirs(cfg: PipelineConfig) -> tuple:
+    """``(report directory, calibration directory)`` of a run: ``<run.out_dir>/<run.name>``, ``calib/<run.name>``."""
+    return Path(cfg.run.out_dir) / cfg.run.name, Path("calib") / cfg.run.name
+
+
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage for ``cfg``; returns the path of report.md."""
     from trt_qat.calibration.calibrate import collect_stats, compute_amax, save_amax
@@ -95,9 +99,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
-    out = ensure_dir(Path(cfg.run.out_dir) / cfg.run.name)
-    work = ensure_dir(out / "artifacts")
-    calib_dir = ensure_dir(Path("calib") / cfg.run.name)
+    out, calib_dir = run_dirs(cfg)  # (created by their first write)
+    work = out / "artifacts"
 
     data_yaml = Path(cfg.data.data)
     if cfg.data.generate and not data_yaml.is_file():
@@ -115,6 +118,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     fp32.eval()
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
     val = adapter.dataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
+    adapter.check_dataset(fp32, val, f"data.data '{data_yaml}'")
     calib_ds = adapter.dataset(data_yaml, cfg.data.calib_split, imgsz=imgsz)
     train = adapter.dataset(data_yaml, cfg.data.train_split, imgsz=imgsz, max_images=cfg.data.max_train_images)
     write_image_list(calib_ds.image_paths, calib_dir / "calib_images.txt")

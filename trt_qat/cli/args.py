@@ -6,11 +6,12 @@ import argparse
 import functools
 import sys
 
+from trt_qat.config import MAX_IMGSZ, MAX_LR, MIN_IMGSZ
 from trt_qat.errors import TrtQatError, setup_logging
 
 __all__ = ["ArgumentParser", "cli_main", "add_model_args", "add_data_args",
            "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
-           "positive_float", "non_negative_float", "unit_interval", "imgsz", "regex"]
+           "positive_float", "non_negative_float", "unit_interval", "imgsz", "learning_rate", "regex"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -27,16 +28,41 @@ def cli_main(func):
     @functools.wraps(func)
     def wrapper(argv=None):
         setup_logging()
+        previous = _on_sigterm(_terminate)
         try:
             return func(argv)
         except TrtQatError as exc:
             print(f"trt_qat: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except Terminated:
+            print("trt_qat: terminated (SIGTERM)", file=sys.stderr)
+            raise SystemExit(143) from None
         except KeyboardInterrupt:
             print("trt_qat: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        finally:
+            _on_sigterm(previous)
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a scheduler's kill) raised like Ctrl-C, so that partial files are removed and locks
+    released on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (main thread only); returns the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -107,10 +133,20 @@ def regex(text: str) -> str:
 
 
 def imgsz(text: str) -> int:
-    """argparse type: an input size the built-in detectors take (a positive multiple of their largest stride, 32)."""
+    """argparse type: an input size the detectors take (a multiple of their largest stride, 32, in [32, 8192])."""
     value = positive_int(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the detector's largest stride)")
+    if value % 32 or not MIN_IMGSZ <= value <= MAX_IMGSZ:
+        raise argparse.ArgumentTypeError(f"{value} must be a multiple of 32 (the detector's largest stride) between "
+                                         f"{MIN_IMGSZ} and {MAX_IMGSZ}")
+    return value
+
+
+def learning_rate(text: str) -> float:
+    """argparse type: a learning rate, finite and in (0, 1]."""
+    value = positive_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(f"{value:g} is too large for a learning rate (at most {MAX_LR:g}; "
+                                         "fine-tuning uses about 1e-4)")
     return value
 
 

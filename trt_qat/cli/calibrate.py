@@ -1,6 +1,8 @@
 """`trt-qat calibrate`: the command line over :mod:`trt_qat.calibration.calibrate`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from trt_qat.calibration.calibrate import calibrate, save_amax
@@ -30,7 +32,7 @@ def main(argv=None):
     from trt_qat import dist as dist_util
     from trt_qat.config import QuantConfig, check_device
     from trt_qat.data.dataset import build_dataloader
-    from trt_qat.fileio import ensure_dir
+    from trt_qat.fileio import check_not_input, output_lock, write_unit
     from trt_qat.quant.checkpoint import save_quantized
     from trt_qat.quant.instrument import quantize
 
@@ -38,10 +40,13 @@ def main(argv=None):
     # no duplicates) and the statistics are reduced across ranks, so every rank ends with the amax of all the
     # images; --batch-size and --num-batches are per process, and only rank 0 writes
     check_device(args.device)  # a bad --device is one line, before anything is written
-    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
-    with dist_util.torchrun_session(args.device) as (rank, world, device):
+    out = Path(args.out)
+    for name in ("quantized.pt", "amax.pt"):
+        check_not_input(out / name, args.checkpoint, flag="--out")
+    with output_lock(out), dist_util.torchrun_session(args.device) as (rank, world, device):
         model, adapter = load_fp32_model(args)
         dataset = make_dataset(args, split=args.split, adapter=adapter)
+        adapter.check_dataset(model, dataset, f"--data {args.data}")
         if world > 1:
             if len(dataset) < world:  # an empty shard would skip the collectives the other ranks make
                 raise TrtQatError(f"{len(dataset)} calibration images for {world} processes; give every process at "
@@ -56,8 +61,9 @@ def main(argv=None):
                   device=device, progress=rank == 0)
         if rank == 0:
             model.cpu()
-            save_quantized(model, out / "quantized.pt", extra={"calib_method": args.method})
-            save_amax(model, out / "amax.pt")
+            # one unit: a run killed between the two files never leaves a new quantized.pt beside an old amax.pt
+            write_unit(out, {"quantized.pt": lambda p: save_quantized(model, p, extra={"calib_method": args.method}),
+                             "amax.pt": lambda p: save_amax(model, p)})
             n = sum(1 for _ in iter_quantizers(model))
             print(f"calibrated {n} quantizers with {args.method} -> {out / 'quantized.pt'}"
                   + (f" ({world} processes)" if world > 1 else ""))

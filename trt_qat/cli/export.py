@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from trt_qat.cli.args import ArgumentParser, cli_main, imgsz
 from trt_qat.config import check_opset
+from trt_qat.fileio import check_not_input
 from trt_qat.onnx.export import export_onnx
 
 
@@ -17,6 +18,7 @@ def main(argv=None):
     parser.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1")
     args = parser.parse_args(argv)
     check_opset(args.opset)
+    check_not_input(args.output, args.checkpoint, flag="--output")
     from trt_qat.models.adapter import adapter_for_model
     from trt_qat.quant.checkpoint import load_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.errors import LOG
-from trt_qat.fileio import atomic_write_json
+from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
 from trt_qat.onnx.lint import lint_onnx
 
 
@@ -25,6 +25,9 @@ def main(argv=None):
                         help="node-name regexes of layers left in float on purpose (excluded from coverage)")
     parser.add_argument("--all", action="store_true", help="also list the INT8-eligible layers")
     args = parser.parse_args(argv)
+    if args.json:  # before the work: an unwritable path, or the input itself, is refused up front
+        check_not_input(args.json, args.onnx, flag="--json")
+        check_writable_file(args.json)
     report = lint_onnx(args.onnx, skip_nodes=args.skip)
     print(report.format_table(show_int8=args.all))
     if args.json:

@@ -1,6 +1,8 @@
 """`trt-qat qat`: the command line over :mod:`trt_qat.train.qat`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from trt_qat.cli.args import ArgumentParser, cli_main
@@ -10,14 +12,14 @@ from trt_qat.train.qat import finetune
 
 @cli_main
 def main(argv=None):
-    from trt_qat.cli.args import add_data_args, make_dataset, non_negative_int, positive_float, positive_int
+    from trt_qat.cli.args import add_data_args, learning_rate, make_dataset, non_negative_int, positive_int
 
     parser = ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
                                      "calibrated checkpoint (scales frozen by default). Resumes from --out/last.pt.")
     parser.add_argument("--checkpoint", required=True, help="calibrated checkpoint (trt-qat calibrate output)")
     add_data_args(parser, default_split="train")
     parser.add_argument("--epochs", type=positive_int, default=2)
-    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--lr", type=learning_rate, default=1e-4)
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     parser.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per epoch")
     parser.add_argument("--no-freeze-amax", action="store_true")
@@ -30,7 +32,7 @@ def main(argv=None):
 
     from trt_qat import dist as dist_util
     from trt_qat.data.dataset import build_dataloader
-    from trt_qat.fileio import ensure_dir
+    from trt_qat.fileio import check_not_input, output_lock
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.adapter import adapter_for_model
     from trt_qat.quant.checkpoint import load_quantized
@@ -40,8 +42,10 @@ def main(argv=None):
     # torchrun --nproc_per_node N -m trt_qat qat ...: one process per GPU (NCCL) or per CPU worker (gloo);
     # --batch-size is per process
     check_device(args.device)  # a bad --device is one line, before anything is written
-    out = ensure_dir(args.out)  # on every rank, before any collective: a rank failing here fails alone
-    with dist_util.torchrun_session(args.device) as (rank, world, device):
+    out = Path(args.out)
+    for name in ("best.pt", "last.pt"):
+        check_not_input(out / name, args.checkpoint, flag="--out")
+    with output_lock(out), dist_util.torchrun_session(args.device) as (rank, world, device):
         model, _ = load_quantized(args.checkpoint)
         adapter = adapter_for_model(model)
         # resume only a run of this very model, data and settings (--out is often reused between runs)
@@ -50,6 +54,7 @@ def main(argv=None):
         if device is not None:
             model.to(device)
         train = make_dataset(args, split=args.split, augment=False, adapter=adapter)
+        adapter.check_dataset(model, train, f"--data {args.data}")
         val = make_dataset(args, split="val", adapter=adapter) if rank == 0 else None
         sampler = None
         if world > 1:

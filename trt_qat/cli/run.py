@@ -6,7 +6,8 @@ import time
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.config import load_pipeline_config
 from trt_qat.errors import TrtQatError
-from trt_qat.pipeline import run_pipeline
+from trt_qat.fileio import check_not_input, output_lock
+from trt_qat.pipeline import run_dirs, run_pipeline
 
 
 @cli_main
@@ -24,10 +25,19 @@ def main(argv=None):
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise TrtQatError(f"bad --set '{item}'; use SECTION.KEY=VALUE, e.g. qat.epochs=1")
         key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise TrtQatError(f"--set {item}: the value is not valid YAML ({type(exc).__name__}); quote it, e.g. "
+                              f"{key}='\"...\"'") from None
     cfg = load_pipeline_config(args.config, overrides)
+    out, calib_dir = run_dirs(cfg)
+    if cfg.model.checkpoint:
+        for path in (out / "report.json", out / "report.md", out / "report.html", calib_dir / "amax.pt"):
+            check_not_input(path, cfg.model.checkpoint, args.config, flag="run.out_dir")
     t0 = time.time()
-    report = run_pipeline(cfg)
+    with output_lock(out), output_lock(calib_dir):
+        report = run_pipeline(cfg)
     print(f"report: {report} (also report.html, report.json) in {time.time() - t0:.0f}s")
     return 0
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from trt_qat.cli.args import ArgumentParser, cli_main, imgsz, non_negative_int, positive_float, positive_int
+from trt_qat.cli.args import ArgumentParser, cli_main, imgsz, learning_rate, non_negative_int, positive_int
+from trt_qat.fileio import check_not_input, output_lock
 from trt_qat.train.fp32 import train_fp32
 from trt_qat.train.loop import OPTIMIZERS
 
@@ -16,7 +17,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=30, help="default: %(default)s")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size (default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=learning_rate, default=None,
                    help="peak learning rate (default: 0.01 sgd, 0.002 adamw)")
     p.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS), help="default: %(default)s")
     p.add_argument("--out", default="runs/fp32/best.pt", help="best checkpoint (default: %(default)s)")
@@ -27,16 +28,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="evaluate every N epochs (default: epochs // 10)")
     p.add_argument("--no-augment", action="store_true", help="disable the train-split augmentation")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even when <out>.last.pt holds a killed run of the same settings")
     return p
 
 
 @cli_main
 def main(argv=None):
     args = _build_parser().parse_args(argv)
-    train_fp32(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz,
-               lr=args.lr, out=args.out, seed=args.seed, workers=args.workers, device=args.device,
-               optimizer=args.optimizer, eval_every=args.eval_every, augment=not args.no_augment,
-               threads=args.threads)
+    check_not_input(args.out, args.data, flag="--out")
+    with output_lock(args.out, is_dir=False):
+        train_fp32(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz,
+                   lr=args.lr, out=args.out, seed=args.seed, workers=args.workers, device=args.device,
+                   optimizer=args.optimizer, eval_every=args.eval_every, augment=not args.no_augment,
+                   threads=args.threads, resume=not args.no_resume)
     return 0
 
 

@@ -8,6 +8,7 @@ both the same. Crowd annotations (``iscrowd: 1``) are ignored.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ __all__ = ["CocoDataset"]
 
 def _load_json(ann_json: Path) -> dict:
     if not ann_json.is_file():
-        raise TrtQatError(f"COCO annotation file '{ann_json}' does not exist; pass the path of an "
-                          "instances_*.json file")
+        what = "is a directory, not a file" if ann_json.is_dir() else "does not exist"
+        raise TrtQatError(f"COCO annotation file '{ann_json}' {what}; pass the path of an instances_*.json file")
     try:
         doc = json.loads(ann_json.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -58,8 +59,9 @@ class CocoDataset(DetectionDataset):
         ann_json = Path(ann_json).expanduser()
         images_dir = Path(images_dir).expanduser()
         if not images_dir.is_dir():
-            raise TrtQatError(f"COCO images directory '{images_dir}' does not exist; pass the directory that "
-                              "holds the json's images")
+            what = "is a file, not a directory" if images_dir.exists() else "does not exist"
+            raise TrtQatError(f"COCO images directory '{images_dir}' {what}; pass the directory that holds the "
+                              "json's images")
         doc = _load_json(ann_json)
         try:
             cats = sorted(doc["categories"], key=lambda c: int(c["id"]))
@@ -105,6 +107,9 @@ class CocoDataset(DetectionDataset):
             path = images_dir / file_name
             if path.is_file():
                 by_path[path] = image_id
+            elif os.path.lexists(path):  # a directory or a broken link where an image should be: not "missing"
+                raise TrtQatError(f"image '{path}' of '{ann_json}' is not a regular file (a directory or a "
+                                  "broken link); replace it with the image or remove its entry from the json")
             else:
                 missing.append(str(path))
         if missing:

@@ -1,7 +1,34 @@
 """What every detection dataset shares: :class:`DetectionDataset` (loading, letterboxing, augmentation, COCO
-ground truth) and the batching (:func:`collate_fn`, :func:`build_dataloader`)."""
+ground truth), the image decoding (:func:`decode_rgb`) and the batching (:func:`collate_fn`,
+:func:`build_dataloader`).
+
+Decoding turns every image into the HxWx3 uint8 RGB pixels a label tool shows, or refuses it with one
+:class:`~trt_qat.errors.TrtQatError`; nothing is clipped or guessed silently. Per PIL mode:
+
+* ``RGB``, ``L``, ``1``, ``RGBX``, ``YCbCr``, ``HSV``: PIL's conversion (grey is replicated into 3 channels);
+  8-bit RGB and grey decode exactly as ``Image.convert("RGB")`` always did.
+* ``RGBA``, ``LA``, ``PA``, ``RGBa``, and ``P`` with or without transparency: the alpha is dropped and the
+  stored colour is kept (``P`` goes through ``RGBA``, ``RGBa`` is un-premultiplied). That is what OpenCV's
+  ``imread`` and so Ultralytics/YOLO tools read, and what trt_qat read before; compositing onto a background
+  would be a guess (white? grey 114?) no label tool made.
+* ``CMYK``: PIL's conversion, ``R = (255 - C)(255 - K) / 255`` rounded (Adobe-inverted JPEGs are handled by the
+  JPEG reader; embedded ICC profiles are not applied).
+* ``I;16`` (``I;16L``, ``I;16B``, ``I;16N``), 16-bit grey: 0..65535 is mapped to 0..255 by its high byte
+  (``v >> 8``: 65535 -> 255, 32768 -> 128, ``257 * k`` -> ``k``). That is how PIL itself reads 16-bit RGB,
+  RGBA and grey+alpha PNGs, so a 16-bit grey PNG decodes like the same picture stored as 16-bit RGB.
+* ``I`` (32-bit integer): read as 16-bit grey as above when every value is in 0..65535 (PIL reads a 16-bit PGM
+  as ``I`` scaled to 0..65535, older Pillow read 16-bit PNGs as ``I``); other values have no standard 8-bit
+  scale (scaling each image by its own maximum would give every image a different brightness) -> refused.
+* ``F`` (32-bit float): refused; float pixels have no standard range (0..1? 0..255? radiance?) and any guess
+  can be silently wrong. ``LAB``: refused; PIL has no Lab -> sRGB conversion (its ``convert`` copies the
+  channels). Any other mode: refused.
+* EXIF orientation (the tag PIL's ``ImageOps.exif_transpose`` reads: EXIF, or XMP ``tiff:Orientation``) is
+  applied, so pixels and boxes match the upright image label tools show; orientations 5-8 swap width and
+  height, and the size probe of the dataset scan (:func:`oriented_shape`) agrees.
+"""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +37,20 @@ import torch
 from trt_qat.data.transforms import letterbox, xywhn_to_xyxy, xyxy_to_xywhn
 from trt_qat.errors import TrtQatError
 
-__all__ = ["IMAGE_EXTENSIONS", "DetectionDataset", "collate_fn", "build_dataloader"]
+__all__ = ["IMAGE_EXTENSIONS", "DetectionDataset", "check_image_mode", "decode_rgb", "exif_orientation",
+           "oriented_shape", "collate_fn", "build_dataloader"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+_ORIENTATION_TAG = 0x0112  # EXIF Orientation
+_SWAPS_AXES = (5, 6, 7, 8)  # orientations whose upright image is the stored one transposed / rotated by 90 deg
+_VIA_PIL = ("RGB", "L", "1", "RGBX", "YCbCr", "HSV", "CMYK", "RGBA", "LA", "PA", "RGBa", "P")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_TO_8BIT_HINT = "convert it to an 8-bit RGB PNG or JPEG (or a 16-bit grey PNG), or remove it from the dataset"
+_REFUSED = {
+    "F": "32-bit float pixels (PIL mode F), which have no standard 8-bit scale",
+    "LAB": "CIE Lab pixels (PIL mode LAB), which PIL cannot convert to RGB",
+}
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -40,7 +78,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.image_paths)
 
     def load_image(self, i: int) -> np.ndarray:
-        """The original image ``i`` as HxWx3 uint8 RGB."""
+        """The original image ``i`` as HxWx3 uint8 RGB, upright (see :func:`decode_rgb`)."""
         from PIL import Image
 
         if i in self._cache:
@@ -48,8 +86,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         path = self.image_paths[i]
         try:
             with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError, SyntaxError) as exc:
+                img = decode_rgb(im, path)
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError) as exc:
             raise TrtQatError(f"image '{path}' cannot be decoded ({exc}); remove it from the dataset") from None
         if self.cache:
             self._cache[i] = img
@@ -99,6 +137,81 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.image_paths = [Path(k[0]) for k in kept]
         self.shapes = [tuple(k[1]) for k in kept]
         self.labels = [k[2] for k in kept]
+
+
+def check_image_mode(mode: str, source) -> None:
+    """Raise unless images of PIL mode ``mode`` can be decoded faithfully by :func:`decode_rgb`.
+
+    Args:
+        mode (str): The PIL mode (``Image.mode``; known from the file header).
+        source (str | Path): The image, named in the error.
+
+    Raises:
+        TrtQatError: For ``F``, ``LAB`` and any mode that :func:`decode_rgb` does not know.
+    """
+    if mode in _VIA_PIL or mode in _SIXTEEN_BIT or mode == "I":
+        return
+    what = _REFUSED.get(mode, f"pixels of PIL mode {mode}, which trt_qat cannot convert to RGB faithfully")
+    raise TrtQatError(f"image '{source}' has {what}; {_TO_8BIT_HINT}")
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation (1-8) that ``PIL.ImageOps.exif_transpose`` applies to ``im``; 1 when there is none.
+
+    Read from the same place as ``exif_transpose`` reads it (``im.getexif()``: EXIF, or XMP
+    ``tiff:Orientation``). Cheap for JPEG, TIFF and WebP (header metadata); PIL decodes a PNG whose EXIF is not
+    in its header, because the chunks after the pixel data can carry it.
+
+    Args:
+        im (PIL.Image.Image): An opened image.
+
+    Returns:
+        int: 1 (as stored) to 8; 1 also for a missing or out-of-range tag.
+    """
+    value = im.getexif().get(_ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_shape(im) -> tuple[int, int]:
+    """``(h, w)`` of ``im`` once its EXIF orientation is applied: the shape :func:`decode_rgb` returns."""
+    w, h = im.size
+    return (int(w), int(h)) if exif_orientation(im) in _SWAPS_AXES else (int(h), int(w))
+
+
+def decode_rgb(im, source=None) -> np.ndarray:
+    """The pixels of a PIL image as label tools show them: upright, HxWx3 uint8 RGB.
+
+    The choice per PIL mode is in the module docstring: 8-bit colour and grey through PIL, alpha dropped,
+    16-bit grey by its high byte, ``I`` as 16-bit when it fits, ``F`` and ``LAB`` refused. EXIF orientation
+    is applied as ``PIL.ImageOps.exif_transpose`` does.
+
+    Args:
+        im (PIL.Image.Image): An opened image (decoded here; its pixels are left as they are).
+        source (str | Path | None): The image, named in errors. Defaults to ``im.filename`` (or "image").
+
+    Returns:
+        np.ndarray: HxWx3 uint8, C-contiguous.
+
+    Raises:
+        TrtQatError: For a refused mode (see :func:`check_image_mode`) or 32-bit integer pixels outside
+            0..65535. Decoder errors of PIL (``OSError`` etc., a truncated file) pass through.
+    """
+    from PIL import ImageOps
+
+    source = source or getattr(im, "filename", "") or "image"
+    check_image_mode(im.mode, source)
+    if exif_orientation(im) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        grey = np.asarray(im)
+        if im.mode == "I" and grey.size and (int(grey.min()) < 0 or int(grey.max()) > 65535):
+            raise TrtQatError(f"image '{source}' has 32-bit integer pixels in {int(grey.min())}..{int(grey.max())}, "
+                              f"outside the 16-bit range 0..65535 it could be read as; {_TO_8BIT_HINT}")
+        grey = (grey >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if im.mode == "P":  # through RGBA: PIL warns when a palette with per-entry transparency goes straight to RGB
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"))
 
 
 def _augment(img: np.ndarray, boxes: np.ndarray, cls: np.ndarray):

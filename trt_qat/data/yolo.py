@@ -9,11 +9,12 @@ that is how calibration image lists under ``calib/`` are stored (see :func:`writ
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 
-from trt_qat.data.dataset import IMAGE_EXTENSIONS, DetectionDataset
+from trt_qat.data.dataset import IMAGE_EXTENSIONS, DetectionDataset, check_image_mode, oriented_shape
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_write_text
 
@@ -29,6 +30,8 @@ __all__ = [
 SPLIT_KEYS = ("train", "val", "test", "calib")
 _BOX_TOLERANCE = 0.01  # normalized coordinates may exceed [0, 1] by this much (then they are clipped)
 _MAKE_DATA_HINT = "run `trt-qat make-data` or pass --data path/to/data.yaml"
+# keywords of the PNG text chunks PIL reads an orientation from (besides the eXIf chunk)
+_PNG_ORIENTATION_KEYWORDS = (b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp")
 
 
 # --------------------------------------------------------------------------------------------------------- config
@@ -196,24 +199,70 @@ def label_path_for(image_path) -> Path:
 
 
 def _probe_image(path: Path):
-    """(h, w) of a decodable image, or raise with a reason (cheap: header + PIL verify)."""
+    """(h, w) of a decodable image as :func:`~trt_qat.data.dataset.decode_rgb` returns it (EXIF orientations 5-8
+    swap them), or raise with a reason.
+
+    Cheap: header, PIL verify and orientation metadata. PIL decodes a PNG to look for metadata after its pixel
+    data; that is done only when :func:`_png_may_be_oriented` finds a chunk that can hold an orientation.
+
+    Raises:
+        TrtQatError: For a pixel mode that decoding refuses (see :func:`~trt_qat.data.dataset.check_image_mode`).
+        Exception: Any decoder error (the scan skips the image).
+    """
     from PIL import Image
 
     with Image.open(path) as im:
         w, h = im.size
+        mode, fmt = im.mode, im.format
         im.verify()
     if w < 1 or h < 1:
         raise ValueError("empty image")
-    return int(h), int(w)
+    check_image_mode(mode, path)
+    if fmt == "PNG" and not _png_may_be_oriented(path):
+        return int(h), int(w)
+    with Image.open(path) as im:
+        return oriented_shape(im)
+
+
+def _png_may_be_oriented(path) -> bool:
+    """Whether a PNG has a chunk PIL may read an orientation from: ``eXIf``, or a text chunk (``tEXt``, ``zTXt``,
+    ``iTXt``) keyed ``exif``, ``Raw profile type exif`` or ``XML:com.adobe.xmp``, before or after the pixel data.
+    Reads the chunk headers and text keywords only; True when unsure (then the caller asks PIL)."""
+    with open(path, "rb") as fp:
+        fp.seek(8)  # the PNG signature
+        while len(header := fp.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            start = fp.tell()
+            if kind == b"eXIf":
+                return True
+            if kind in (b"tEXt", b"zTXt", b"iTXt"):
+                if fp.read(min(length, 80)).split(b"\0", 1)[0] in _PNG_ORIENTATION_KEYWORDS:
+                    return True
+            elif kind == b"IEND":
+                return False
+            fp.seek(start + length + 4)  # past the data and its CRC
+    return True
 
 
 def _parse_label_file(path: Path, nc: int):
-    """Return (labels float32 [n,5] normalized cls,cx,cy,w,h; list of (line_no, reason) for skipped lines)."""
+    """Return (labels float32 [n,5] normalized cls,cx,cy,w,h; list of (line_no, reason) for skipped lines).
+
+    A missing file means "no objects". A path that exists but is not a readable text file (a directory, a broken
+    link, a pipe, no read permission, not text) raises: reading it as "no objects" would be silently wrong.
+    """
+    if not os.path.lexists(path):
+        return np.zeros((0, 5), np.float32), []
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not a regular file (a broken link, pipe or device)"
+        raise TrtQatError(f"label path '{path}' is {what}; replace it with the image's label file (one "
+                          "`cls cx cy w h` line per object) or remove it if the image has no objects")
     rows, bad = [], []
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        return np.zeros((0, 5), np.float32), [(0, f"unreadable ({type(exc).__name__})")]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise TrtQatError(f"label file '{path}' cannot be read ({reason}); make it a readable text file "
+                          "(check its permissions) or remove it if the image has no objects") from None
     for no, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
@@ -247,13 +296,19 @@ def _parse_label_file(path: Path, nc: int):
 
 
 def scan_split(paths: list, label_of, where: str):
-    """Probe images and parse labels; return kept (path, (h, w), labels) and log one warning per problem kind."""
+    """Probe images and parse labels; return kept (path, (h, w), labels) and log one warning per problem kind.
+
+    Undecodable images and malformed label lines are skipped (one warning each kind); a refused pixel mode or a
+    label path that is not a readable file raises :class:`~trt_qat.errors.TrtQatError`.
+    """
     kept, bad_images = [], []
     bad_lines, bad_files = 0, 0
     first_bad_line = None
     for p in paths:
         try:
             shape = _probe_image(p)
+        except TrtQatError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure means "skip this image"
             bad_images.append(f"{p}: {type(exc).__name__}: {exc}".splitlines()[0])
             continue
@@ -310,7 +365,4 @@ class YoloDataset(DetectionDataset):
         self._set_items(scan_split(paths, self._read_labels, where), where)
 
     def _read_labels(self, image_path):
-        path = label_path_for(image_path)
-        if not path.is_file():
-            return np.zeros((0, 5), np.float32), []
-        return _parse_label_file(path, self.nc)
+        return _parse_label_file(label_path_for(image_path), self.nc)

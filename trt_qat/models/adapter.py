@@ -118,6 +118,30 @@ class ModelAdapter:
 
         return YoloDataset(data_yaml, split=split, imgsz=imgsz, augment=augment, max_images=max_images)
 
+    def num_classes(self, model) -> int | None:
+        """The number of classes ``model`` predicts, or None when unknown."""
+        return None
+
+    def class_names(self, model) -> list | None:
+        """The class names ``model`` was trained with, or None when it does not carry them."""
+        return None
+
+    def check_dataset(self, model, dataset, what: str = "the dataset") -> None:
+        """Refuse ``dataset`` when its ``nc`` or ``names`` disagree with ``model``'s (mAP would be silently wrong).
+
+        Raises:
+            TrtQatError: naming both class counts (or the first differing name) and the fix.
+        """
+        nc, names = self.num_classes(model), self.class_names(model)
+        have_nc, have_names = getattr(dataset, "nc", None), getattr(dataset, "names", None)
+        if nc is not None and have_nc is not None and int(have_nc) != int(nc):
+            raise TrtQatError(f"{what} has nc={have_nc} classes but the model predicts {nc}; point --data at the "
+                              "data.yaml the model was trained on (or fix its nc/names)")
+        if names and have_names and list(names) != list(have_names):
+            diff = next(i for i, (a, b) in enumerate(zip(names, have_names)) if a != b)
+            raise TrtQatError(f"{what} names class {diff} '{have_names[diff]}' but the model calls it '{names[diff]}'; "
+                              "use the data.yaml the model was trained on")
+
     def float_layers(self, model) -> dict:
         """``{module name: reason}`` of the layers this family keeps in float on purpose."""
         return {}

@@ -1,6 +1,7 @@
 """The built-in YOLOv5-style detector (:mod:`trt_qat.models.yolo`) behind the model-adapter seam."""
 from __future__ import annotations
 
+from trt_qat.errors import TrtQatError
 from trt_qat.models.adapter import ModelAdapter, register_adapter
 from trt_qat.models.loss import detection_loss_fn
 from trt_qat.models.postprocess import non_max_suppression
@@ -39,8 +40,16 @@ class BuiltinAdapter(ModelAdapter):
     def model_name(self, model) -> str | None:
         return (getattr(model, "cfg", None) or {}).get("name")
 
+    def num_classes(self, model) -> int | None:
+        return (getattr(model, "cfg", None) or {}).get("nc")
+
     def loss_fn(self, model):
         return detection_loss_fn(model)
 
     def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
-        return non_max_suppression(next(iter(outputs.values())), conf_thres, iou_thres, max_det)
+        pred = next(iter(outputs.values()))
+        shape = [int(d) for d in getattr(pred, "shape", ())]
+        if len(shape) != 3 or shape[-1] < 6:
+            raise TrtQatError(f"the model's first output has shape {shape}, not the built-in detector's decoded "
+                              "[batch, boxes, 5 + classes]; evaluate a detector exported by `trt-qat export`")
+        return non_max_suppression(pred, conf_thres, iou_thres, max_det)

@@ -251,9 +251,24 @@ def build_model(name: str = "yolo-n", nc: int = 10, **kwargs) -> YoloDetector:
 
 
 def model_from_cfg(cfg: dict) -> YoloDetector:
-    """The (untrained) detector described by a checkpoint's ``model_cfg``."""
-    return YoloDetector(nc=cfg["nc"], scale=cfg["scale"], anchors=[tuple(a) for a in cfg["anchors"]],
-                        strides=cfg["strides"], in_ch=cfg.get("in_ch", 3), name=cfg.get("name"))
+    """The (untrained) detector described by a checkpoint's ``model_cfg``.
+
+    Raises:
+        TrtQatError: when ``cfg`` lacks a key or holds a value of the wrong kind (a damaged checkpoint).
+    """
+    if not isinstance(cfg, dict):
+        raise TrtQatError(f"the checkpoint's model_cfg is a {type(cfg).__name__}, not a mapping; re-create the "
+                          "checkpoint with `trt-qat train` / `trt-qat calibrate`")
+    missing = [k for k in ("nc", "scale", "anchors", "strides") if k not in cfg]
+    if missing:
+        raise TrtQatError(f"the checkpoint's model_cfg lacks {', '.join(repr(k) for k in missing)}; it is damaged "
+                          "or was not written by trt_qat: re-create it with `trt-qat train` / `trt-qat calibrate`")
+    try:
+        return YoloDetector(nc=int(cfg["nc"]), scale=cfg["scale"], anchors=[tuple(a) for a in cfg["anchors"]],
+                            strides=cfg["strides"], in_ch=int(cfg.get("in_ch", 3)), name=cfg.get("name"))
+    except (TypeError, ValueError) as exc:
+        raise TrtQatError(f"the checkpoint's model_cfg is malformed ({exc}); re-create it with `trt-qat train` / "
+                          "`trt-qat calibrate`") from None
 
 
 def save_checkpoint(model: YoloDetector, path, **extra) -> Path:

@@ -221,7 +221,7 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
                             "obj": mean_items[1], "cls": mean_items[2], "map50": record["map50"],
                             "map50_95": record["map50_95"]})
     best = max(history, key=lambda h: h["map50_95"]) if history else {"epoch": 0, "map50": 0.0, "map50_95": 0.0}
-    train_seconds = sum(record["seconds"] for record in result["history"])
+    train_seconds = sum(record.get("seconds", 0.0) for record in result["history"])  # (a resumed run's own)
     result = {"checkpoint": str(Path(out)), "best_epoch": best["epoch"], "map50": best["map50"],
               "map50_95": max(best["map50_95"], 0.0), "epochs": epochs, "seconds": seconds,
               "seconds_per_epoch": train_seconds / epochs, "history": history}

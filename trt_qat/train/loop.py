@@ -380,7 +380,9 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
                  f" score {record['score']:.4f}" if "score" in record else "", record["seconds"])
         if last_path and save_fn and main:
             save_fn(model, last_path, {
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "history": loop.history,
+                # no wall-clock times: the same run writes the same bytes
+                "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "history": [{k: v for k, v in r.items() if k != "seconds"} for r in loop.history],
                 "best_score": loop.best_score, "best_epoch": loop.best_epoch, "fingerprint": fingerprint,
                 "rng": _rng_state(data),
                 "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks]})
