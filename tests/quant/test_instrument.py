@@ -118,3 +118,20 @@ def test_unused_layer_is_disabled_with_a_warning(caplog):
     assert m.conv1d._input_quantizer._disabled
     assert "never ran" in caplog.text
     check_amax(m)  # disabled quantizers are not required to have amax
+
+
+def test_rules_without_a_sample_input_are_not_silently_skipped(caplog):
+    import logging
+
+    from torch import nn
+
+    from trt_qat.config import QuantConfig
+    from trt_qat.quant.instrument import quantize
+
+    with caplog.at_level(logging.WARNING, logger="trt_qat"):
+        quantize(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert any("placement rules NOT applied" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trt_qat"):
+        quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantConfig(rules=False))
+    assert not any("placement rules" in r.getMessage() for r in caplog.records)

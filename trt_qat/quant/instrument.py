@@ -123,6 +123,11 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
     visit(model, "")
     if config.rules and sample_input is not None:
         apply_rules(model, sample_input, skip=config.skip)
+    elif config.rules and rows:
+        LOG.warning("TensorRT placement rules NOT applied: quantize() needs sample_input= (an example input batch) "
+                    "to trace the model; without them Concat/Add inputs get separate scales and TensorRT inserts "
+                    "reformats. Pass sample_input=torch.zeros(1, 3, H, W), or QuantConfig(rules=False) to silence "
+                    "this")
     model.trt_qat_quant_config = dataclasses.asdict(config)
     model.trt_qat_skipped = skipped
     LOG.info("quantized %d layers, %d left in float by rule", len(rows), len(skipped))
