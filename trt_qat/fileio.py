@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -13,8 +14,8 @@ from pathlib import Path
 from trt_qat.errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
-           "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input", "output_lock",
-           "remove_stale_tmp", "write_unit"]
+           "json_safe", "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input",
+           "output_lock", "remove_stale_tmp", "write_unit"]
 
 
 def ensure_dir(path) -> Path:
@@ -83,8 +84,25 @@ def atomic_write_text(path, text: str) -> Path:
     return Path(path)
 
 
+def json_safe(obj):
+    """``obj`` ready for strict JSON: every non-finite float (NaN, +-Infinity, which JSON does not have) becomes
+    None (``null``), numpy scalars and arrays become Python numbers and lists; dicts, lists and tuples are copied
+    recursively. ``json.dumps(json_safe(obj), allow_nan=False)`` succeeds on results and reports."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def atomic_write_json(path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``obj`` as strict JSON (non-finite numbers as ``null``, see :func:`json_safe`), atomically."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str,
+                                              allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj, path) -> Path:

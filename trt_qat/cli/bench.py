@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trt_qat.cli.args import ArgumentParser, cli_main, positive_int
+from trt_qat.cli.args import ArgumentParser, cli_main, non_negative_float, positive_int
 from trt_qat.errors import LOG, TrtQatError, setup_logging
-from trt_qat.measure.benchmark import benchmark, format_summary, make_feed, write_results
+from trt_qat.fileio import check_not_input, check_writable_file
+from trt_qat.measure.benchmark import benchmark, check_timing, format_summary, make_feed, write_results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,15 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=None,
                    help="batch size for a dynamic batch dimension (default 1)")
     p.add_argument("--shapes", default=None, help="input shapes, e.g. images:8x3x640x640 (overrides --batch)")
-    p.add_argument("--warmUp", type=float, default=200, metavar="MS", help="warm-up time in ms (default 200)")
-    p.add_argument("--duration", type=float, default=3, metavar="S", help="minimum measured time in s (default 3)")
+    p.add_argument("--warmUp", type=non_negative_float, default=200, metavar="MS",
+                   help="warm-up time in ms, finite, at most one day (default 200)")
+    p.add_argument("--duration", type=non_negative_float, default=3, metavar="S",
+                   help="minimum measured time in s, finite, at most one day (default 3)")
     p.add_argument("--iterations", type=positive_int, default=10,
-                   help="minimum number of measured queries (default 10)")
+                   help="minimum number of measured queries (default 10); the run lasts until both --iterations "
+                        "and --duration are reached, so a huge value runs that many queries however long it takes")
     p.add_argument("--useCudaGraph", action="store_true", help="TensorRT: replay the inference as a CUDA graph")
     p.add_argument("--noDataTransfers", action="store_true",
                    help="TensorRT: skip host/device copies, time the engine on device-resident inputs")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
-    p.add_argument("--exportJson", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--exportJson", default=None, metavar="FILE",
+                   help="write the results as JSON (checked writable before the benchmark runs)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -62,6 +67,10 @@ def main(argv=None):
         raise TrtQatError("--backend ort needs --onnx (ONNX Runtime cannot run a TensorRT engine file)")
     if args.batch is not None and args.batch < 1:
         raise TrtQatError(f"--batch must be >= 1, got {args.batch}")
+    check_timing(args.warmUp, args.duration, args.iterations)
+    if args.exportJson:  # before the benchmark, not after it
+        check_not_input(args.exportJson, args.onnx, args.engine, flag="--exportJson")
+        check_writable_file(args.exportJson)
     from trt_qat.trt.profile import parse_shapes
 
     shapes = parse_shapes(args.shapes)

@@ -5,7 +5,7 @@ import argparse
 
 from trt_qat.cli.args import ArgumentParser, cli_main, non_negative_float, non_negative_int, positive_int, unit_interval
 from trt_qat.errors import LOG, TrtQatError, setup_logging
-from trt_qat.fileio import atomic_write_json
+from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
 from trt_qat.measure.compare import DEFAULT_THRESHOLDS, compare_runners, format_report, load_npz_feed
 
 
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-abs", type=non_negative_float, default=None,
                    help="maximum mean absolute difference (default: not checked)")
     p.add_argument("--threads", type=positive_int, default=None, help="ONNX Runtime intra-op threads")
-    p.add_argument("--exportJson", default=None, metavar="FILE", help="write the report as JSON")
+    p.add_argument("--exportJson", default=None, metavar="FILE",
+                   help="write the report as JSON (checked writable before anything runs)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -50,6 +51,9 @@ def main(argv=None):
     if args.num_inputs < 1:
         raise TrtQatError(f"--num-inputs must be >= 1, got {args.num_inputs}")
     shapes = parse_shapes(args.shapes)
+    if args.exportJson:  # before any model is loaded or run, not after
+        check_not_input(args.exportJson, *args.onnx, *args.engine, args.checkpoint, args.inputs, flag="--exportJson")
+        check_writable_file(args.exportJson)
     runners = []
     if args.checkpoint:
         from trt_qat.runners.torch_runner import torch_runner_from_checkpoint
@@ -70,7 +74,7 @@ def main(argv=None):
         if args.inputs:
             feeds = [load_npz_feed(args.inputs, shaped.input_names)]
         else:
-            feeds = [make_feed(shaped, batch=args.batch, shapes=shapes, seed=args.seed + k)
+            feeds = [make_feed(shaped, batch=args.batch, shapes=shapes, seed=args.seed + k, count=args.num_inputs)
                      for k in range(args.num_inputs)]
         report = compare_runners(runners, feeds, {"cosine": args.cosine, "max_abs": args.max_abs,
                                                   "mean_abs": args.mean_abs})

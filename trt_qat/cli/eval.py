@@ -29,7 +29,7 @@ def _runner_from_args(args):
 def main(argv=None):
 
     from trt_qat.cli.args import add_data_args, make_dataset, unit_interval
-    from trt_qat.fileio import atomic_write_json, check_writable_file
+    from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
 
     parser = ArgumentParser(prog="trt-qat eval", description="COCO mAP (pycocotools) of a checkpoint, ONNX "
                                      "or TensorRT engine, with the same pre-processing, decoding and NMS for all.")
@@ -42,15 +42,23 @@ def main(argv=None):
     parser.add_argument("--conf-thres", type=unit_interval, default=0.001, help="score threshold in [0, 1]")
     parser.add_argument("--iou-thres", type=unit_interval, default=0.6, help="NMS IoU threshold in [0, 1]")
     parser.add_argument("--variant", default=None, help="row name in the report (default: the file name)")
-    parser.add_argument("--json", default=None, help="write the result as a report row (for `trt-qat report`)")
+    parser.add_argument("--json", default=None, help="write the result as a report row (for `trt-qat report`); "
+                                                        "checked writable before the evaluation runs")
     args = parser.parse_args(argv)
-    if args.json:
-        check_writable_file(args.json)  # before the evaluation, not after it
+    if args.json:  # before the evaluation, not after it
+        check_not_input(args.json, args.checkpoint, args.onnx, args.engine, args.data, flag="--json")
+        check_writable_file(args.json)
     dataset = make_dataset(args, split=args.split)
     runner, backend, precision = _runner_from_args(args)
+    adapter = None
+    if backend == "torch":  # the model's family decodes it, and its classes must be the data's
+        from trt_qat.models.adapter import adapter_for_model
+
+        adapter = adapter_for_model(runner.model)
+        adapter.check_dataset(runner.model, dataset, f"--data {args.data}")
     with runner:
         res = evaluate(runner, dataset, batch_size=args.batch_size, conf_thres=args.conf_thres,
-                       iou_thres=args.iou_thres, pad_to_batch=backend == "trt")
+                       iou_thres=args.iou_thres, pad_to_batch=backend == "trt", adapter=adapter)
     source = args.checkpoint or args.onnx or args.engine
     row = {"variant": args.variant or Path(source).stem, "backend": backend, "precision": precision,
            "batch": args.batch_size, "map50": res["map50"], "map50_95": res["map50_95"], "images": res["images"],

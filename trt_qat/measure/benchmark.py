@@ -10,10 +10,18 @@
 
 Each statistic is min / max / mean / median / p90 / p95 / p99 plus the coefficient of variation; a CV above
 10 % gets a warning (the machine was busy, clocks were changing, or the run was too short).
+
+Limits that keep a typo from hanging the machine or exhausting its memory: ``--warmUp`` and ``--duration`` are
+finite, non-negative and at most one day (:data:`MAX_TIMING_S`); ``--iterations`` is a minimum with no upper
+limit (a huge value runs that many queries, however long that takes). A random feed (:func:`make_feed`) and an
+``.npz`` feed (:func:`~trt_qat.measure.compare.load_npz_feed`) may take at most :func:`feed_memory_budget` bytes:
+4 GiB, or half the memory available when that is less.
 """
 from __future__ import annotations
 
 import datetime
+import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,13 +30,19 @@ import numpy as np
 
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_write_json
+from trt_qat.runners.base import check_inputs, declared_dims
 
-__all__ = ["latency_stats", "benchmark", "format_summary", "make_feed", "write_results", "METRICS",
-           "CV_WARN_PERCENT"]
+__all__ = ["latency_stats", "benchmark", "check_timing", "format_summary", "make_feed", "write_results",
+           "available_memory", "feed_memory_budget", "check_feed_bytes", "METRICS", "CV_WARN_PERCENT",
+           "MAX_TIMING_S", "FEED_BYTES_CAP"]
 
 #: trtexec's names, in its order
 METRICS = ("Latency", "Enqueue Time", "H2D Latency", "GPU Compute Time", "D2H Latency")
 CV_WARN_PERCENT = 10.0
+#: the longest warm-up or measured time (seconds) a benchmark accepts: one day; more is a typo, not a benchmark
+MAX_TIMING_S = 86400.0
+#: the most bytes an input feed may take, whatever the memory available (see :func:`feed_memory_budget`)
+FEED_BYTES_CAP = 4 << 30
 
 
 def latency_stats(samples_ms) -> dict:
@@ -54,6 +68,28 @@ def latency_stats(samples_ms) -> dict:
     }
 
 
+def check_timing(warmup_ms, duration_s, iterations) -> None:
+    """Refuse benchmark settings that would never end or mean nothing, before anything runs.
+
+    Args:
+        warmup_ms (float): warm-up time in ms: finite, >= 0 and at most :data:`MAX_TIMING_S` seconds.
+        duration_s (float): minimum measured time in s: finite, >= 0 and at most :data:`MAX_TIMING_S`.
+        iterations (int): minimum number of measured queries: an integer >= 1 (no upper limit: it is a minimum).
+
+    Raises:
+        TrtQatError: NaN, an infinite, negative or over-long time, or a non-integer or < 1 iteration count.
+    """
+    for flag, value, unit, per_s, example in (("--warmUp", warmup_ms, "ms", 1e3, 200),
+                                              ("--duration", duration_s, "s", 1.0, 3)):
+        number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and 0 <= value <= MAX_TIMING_S * per_s):
+            raise TrtQatError(f"{flag} {value!r} is not a time from 0 to {MAX_TIMING_S * per_s:g} {unit} (one day); "
+                              f"give a finite, non-negative time, e.g. {flag} {example}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise TrtQatError(f"--iterations {iterations!r} is not an integer >= 1; give the minimum number of "
+                          "measured queries, e.g. --iterations 10")
+
+
 def _batch_of(feed: dict) -> int:
     first = next(iter(feed.values()))
     return int(first.shape[0]) if getattr(first, "ndim", 0) else 1
@@ -69,7 +105,7 @@ def benchmark(runner, feed, warmup_ms: float = 200, duration_s: float = 3, itera
         feed (dict | np.ndarray): the inputs of one query.
         warmup_ms (float): warm-up time in ms, not recorded. Defaults to 200.
         duration_s (float): minimum measured time in s. Defaults to 3.
-        iterations (int): minimum number of measured queries. Defaults to 10.
+        iterations (int): minimum number of measured queries (no upper limit). Defaults to 10.
         no_data_transfers (bool): TensorRT only: skip H2D/D2H, time the engine on device-resident inputs.
             Defaults to False.
         cuda_graph (bool): TensorRT >= 10 only: replay a captured CUDA graph. Defaults to False.
@@ -77,9 +113,11 @@ def benchmark(runner, feed, warmup_ms: float = 200, duration_s: float = 3, itera
     Returns:
         dict: ``"Throughput (qps)"`` and one stats dict (see :func:`latency_stats`) per trtexec metric, None for
         those not measured (listed under ``"not_measured"``), plus ``warnings`` and ``settings``.
+
+    Raises:
+        TrtQatError: timing settings :func:`check_timing` refuses, before the runner is activated.
     """
-    if iterations < 1 or duration_s < 0 or warmup_ms < 0:
-        raise TrtQatError("--iterations must be >= 1 and --duration/--warmUp >= 0")
+    check_timing(warmup_ms, duration_s, iterations)
     owns = not runner.is_active
     if owns:
         runner.activate()
@@ -195,7 +233,8 @@ def format_summary(result: dict) -> str:
 
 
 def write_results(path, result: dict, extra: dict | None = None) -> Path:
-    """Write a benchmark result (plus ``extra`` fields such as model and precision) as JSON, atomically."""
+    """Write a benchmark result (plus ``extra`` fields such as model and precision) as strict JSON, atomically
+    (non-finite numbers as ``null``, see :func:`trt_qat.fileio.json_safe`)."""
     doc = dict(extra or {})
     doc.update(result)
     doc.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -203,56 +242,120 @@ def write_results(path, result: dict, extra: dict | None = None) -> Path:
     return atomic_write_json(path, doc)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available now: psutil's figure when psutil is installed, else MemAvailable from
+    /proc/meminfo (Linux), else the free pages ``os.sysconf`` reports; None when none of them can be read."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def feed_memory_budget() -> int:
+    """The most bytes input feeds may take: :data:`FEED_BYTES_CAP` (4 GiB), or half the memory available now
+    (:func:`available_memory`) when that is less."""
+    avail = available_memory()
+    return FEED_BYTES_CAP if avail is None else min(FEED_BYTES_CAP, avail // 2)
+
+
+def check_feed_bytes(nbytes: int, what: str, hint: str) -> None:
+    """Raise a TrtQatError, before any array is allocated, when ``nbytes`` exceed :func:`feed_memory_budget`.
+
+    Args:
+        nbytes (int): the bytes the feed(s) would take.
+        what (str): what would take them, for the message.
+        hint (str): how to make them smaller, for the message.
+    """
+    budget = feed_memory_budget()
+    if nbytes > budget:
+        raise TrtQatError(f"{what} would take {nbytes / 2**30:.3g} GiB, more than the {budget / 2**30:.3g} GiB "
+                          f"input feeds may use ({FEED_BYTES_CAP / 2**30:g} GiB at most, and at most half the "
+                          f"available memory); {hint}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Feeds and CLI
 # ----------------------------------------------------------------------------------------------------------
-def make_feed(runner, batch: int | None = None, shapes: dict | None = None, seed: int = 0) -> dict:
+def make_feed(runner, batch: int | None = None, shapes: dict | None = None, seed: int = 0, count: int = 1) -> dict:
     """Random inputs for an active runner: ``shapes`` (``{name: shape}``) wins; otherwise dynamic dimension 0
     becomes ``batch`` (default 1) and other dynamic dimensions come from a TensorRT profile's opt shape.
+
+    Floating-point inputs are standard-normal values drawn in float32 (float64 for float64 inputs) and cast to the
+    input's dtype; integer inputs are uniform in [0, 127), boolean ones uniform. The same ``seed`` gives the same
+    feed. A feed larger than :func:`feed_memory_budget` is refused before any array is allocated.
 
     Args:
         runner (BaseRunner): an active runner exposing ``input_shapes`` (and ``input_dtypes``).
         batch (int | None): the batch size for dynamic (or, with ONNX Runtime, any) dimension 0. Defaults to 1.
         shapes (dict | None): explicit shapes per input. Defaults to None.
         seed (int): random seed. Defaults to 0.
+        count (int): how many such feeds the caller keeps at once (they share the memory budget). Defaults to 1.
 
     Returns:
         dict[str, np.ndarray]: the feed.
+
+    Raises:
+        TrtQatError: ``shapes`` names an unknown input or a shape the model does not declare, a dimension stays
+            unknown, or the feed(s) would exceed the memory budget.
     """
-    rng = np.random.default_rng(seed)
     shapes = dict(shapes or {})
     unknown = sorted(set(shapes) - set(runner.input_shapes))
     if unknown:
         raise TrtQatError(f"--shapes names unknown inputs {unknown}; the model's inputs are "
                           f"{list(runner.input_shapes)}")
     dtypes = getattr(runner, "input_dtypes", {})
-    feed = {}
+    plan = {}
     for name, declared in runner.input_shapes.items():
         if name in shapes:
-            shape = tuple(int(d) for d in shapes[name])
-        else:
-            dims = [d if isinstance(d, int) and d > 0 else None for d in declared]
-            if batch is not None and dims:
-                if dims[0] is not None and dims[0] != batch:
-                    raise TrtQatError(f"input '{name}' has a fixed batch of {dims[0]}; --batch {batch} needs a "
-                                      "dynamic-batch export/engine")
-                dims[0] = batch
-            elif dims and dims[0] is None:
-                dims[0] = 1
+            plan[name] = tuple(int(d) for d in shapes[name])
+            continue
+        dims = declared_dims(declared)
+        if batch is not None and dims:
+            if dims[0] is not None and dims[0] != batch:
+                raise TrtQatError(f"input '{name}' has a fixed batch of {dims[0]}; --batch {batch} needs a "
+                                  "dynamic-batch export/engine")
+            dims[0] = batch
+        elif dims and dims[0] is None:
+            dims[0] = 1
+        if any(d is None for d in dims):
+            if hasattr(runner, "profile_shapes"):
+                opt = list(runner.profile_shapes(name)[1])
+                dims = [d if d is not None else o for d, o in zip(dims, opt)]
             if any(d is None for d in dims):
-                opt = None
-                if hasattr(runner, "profile_shapes"):
-                    opt = list(runner.profile_shapes(name)[1])
-                    dims = [d if d is not None else o for d, o in zip(dims, opt)]
-                if any(d is None for d in dims):
-                    raise TrtQatError(f"input '{name}' has dynamic dimensions {list(declared)}; give its shape "
-                                      f"with --shapes {name}:1x3x640x640")
-            shape = tuple(dims)
-        dtype = np.dtype(dtypes.get(name, np.float32))
-        if dtype.kind == "f":
-            feed[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[name] = rng.integers(0, 2, size=shape).astype(dtype)
-        else:
-            feed[name] = rng.integers(0, 127, size=shape).astype(dtype)
-    return feed
+                raise TrtQatError(f"input '{name}' has dynamic dimensions {list(declared)}; give its shape "
+                                  f"with --shapes {name}:1x3x640x640")
+        plan[name] = tuple(dims)
+    if shapes:
+        check_inputs(runner, plan, what="the --shapes",
+                     hint="give each input a shape of its declared rank, with its fixed dimensions as declared")
+    types = {name: np.dtype(dtypes.get(name, np.float32)) for name in plan}
+    nbytes = count * sum(math.prod(shape) * types[name].itemsize for name, shape in plan.items())
+    listed = ", ".join(f"{n}:{'x'.join(map(str, s))} {types[n].name}" for n, s in plan.items())
+    check_feed_bytes(nbytes, f"{count} random feeds of {listed}" if count > 1 else f"the random feed {listed}",
+                     "use a smaller batch or shape (--batch, --shapes)" + (" or fewer inputs (--num-inputs)"
+                                                                          if count > 1 else ""))
+    rng = np.random.default_rng(seed)
+    return {name: _random_array(rng, shape, types[name]) for name, shape in plan.items()}
+
+
+def _random_array(rng, shape, dtype: np.dtype) -> np.ndarray:
+    """Random values of ``dtype`` drawn directly in that dtype (float16: in float32), never through float64."""
+    if dtype.kind == "f":
+        drawn = dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        return rng.standard_normal(shape, dtype=drawn).astype(dtype, copy=False)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape, dtype=np.bool_)
+    return rng.integers(0, 127, size=shape, dtype=dtype)

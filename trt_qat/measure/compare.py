@@ -8,11 +8,14 @@ inputs, and see which step diverges.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import numpy as np
 
 from trt_qat.errors import TrtQatError
+from trt_qat.measure.benchmark import check_feed_bytes
+from trt_qat.runners.base import check_inputs
 
 __all__ = ["compare_outputs", "compare_runners", "format_report", "load_npz_feed", "DEFAULT_THRESHOLDS"]
 
@@ -30,7 +33,12 @@ def _thresholds(thresholds) -> dict:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    with np.errstate(over="ignore"):
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if not (math.isfinite(na) and math.isfinite(nb)):  # finite values too large to square: scale them first
+        scale = max(float(np.abs(a).max()), float(np.abs(b).max()))
+        a, b = a / scale, b / scale
+        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     if na == 0.0 and nb == 0.0:
         return 1.0
     if na == 0.0 or nb == 0.0:
@@ -99,6 +107,10 @@ def compare_runners(runners, feeds, thresholds: dict | None = None) -> dict:
     Returns:
         dict: ``reference``, ``runners``, ``thresholds``, ``n_feeds``, ``pairs`` (per tested runner: ``outputs``
         aggregated over feeds: worst max_abs, average mean_abs, lowest cosine; and ``ok``) and ``ok`` overall.
+
+    Raises:
+        TrtQatError: fewer than two runners, duplicate names, no feeds, or a feed that one of the runners'
+            declared inputs cannot take (checked before that feed runs anywhere, see :func:`check_inputs`).
     """
     runners = list(runners)
     if len(runners) < 2:
@@ -115,6 +127,11 @@ def compare_runners(runners, feeds, thresholds: dict | None = None) -> dict:
     try:
         for feed in feeds:
             n += 1
+            if isinstance(feed, dict):
+                for r in runners:
+                    check_inputs(r, {k: np.shape(v) for k, v in feed.items()},
+                                 {k: v.dtype for k, v in feed.items() if hasattr(v, "dtype")}, what=f"feed {n}",
+                                 hint="give arrays of the shapes and dtypes every compared model declares")
             ref = runners[0].infer(feed)
             for r in runners[1:]:
                 for row in compare_outputs(ref, r.infer(feed), th):
@@ -170,19 +187,66 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _npz_member(data, key: str) -> str:
+    return next((m for m in data.zip.namelist() if m in (key, f"{key}.npy")), key)
+
+
+def _npz_header(data, key: str):
+    """``(shape, dtype)`` an ``.npz`` array declares in its header, read without loading the array."""
+    from numpy.lib import format as npy_format
+
+    with data.zip.open(_npz_member(data, key)) as f:
+        version = npy_format.read_magic(f)
+        reader = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _fortran, dtype = reader(f)
+    return tuple(shape), np.dtype(dtype)
+
+
 def load_npz_feed(path, input_names) -> dict:
     """Read one feed from an ``.npz`` whose keys are the input names (a single unnamed ``arr_0`` maps to the
-    single input)."""
+    single input). The arrays' headers are checked before any array is loaded.
+
+    Args:
+        path (str | Path): the ``.npz`` (``np.savez``/``np.savez_compressed``).
+        input_names (Sequence[str]): the model's inputs.
+
+    Returns:
+        dict[str, np.ndarray]: ``{input name: array}``.
+
+    Raises:
+        TrtQatError: the file is missing, corrupt, not an ``.npz`` or holds pickled objects; it lacks an input;
+            an input's array is not numeric (bool, int or float); or the arrays exceed the memory budget
+            (:func:`~trt_qat.measure.benchmark.feed_memory_budget`).
+    """
+    import zipfile
+    import zlib
+
+    fix = "give an .npz saved with np.savez, one numeric array per model input"
+    unreadable = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, MemoryError)
     try:
-        data = np.load(path)
-    except (OSError, ValueError, EOFError) as exc:
-        raise TrtQatError(f"cannot read inputs '{path}' ({exc.__class__.__name__}: {exc}); give an .npz saved with "
-                          "np.savez") from None
+        data = np.load(path, allow_pickle=False, mmap_mode="r")  # (a .npy is mapped, not read)
+    except unreadable as exc:
+        raise TrtQatError(f"cannot read inputs '{path}' ({_one_line(exc)}); {fix}") from None
+    if not hasattr(data, "files"):
+        raise TrtQatError(f"cannot read inputs '{path}': it is a single .npy array, not an .npz; {fix}")
     with data:
-        arrays = {k: data[k] for k in data.files}
-    if list(arrays) == ["arr_0"] and len(input_names) == 1:
-        return {input_names[0]: arrays["arr_0"]}
-    missing = [n for n in input_names if n not in arrays]
-    if missing:
-        raise TrtQatError(f"'{path}' lacks inputs {missing}; its keys are {sorted(arrays)}")
-    return {n: arrays[n] for n in input_names}
+        keys = {input_names[0]: "arr_0"} if data.files == ["arr_0"] and len(input_names) == 1 else {}
+        missing = [n for n in input_names if n not in keys and n not in data.files]
+        if missing:
+            raise TrtQatError(f"'{path}' lacks inputs {missing} (its keys are {sorted(data.files)}); {fix}")
+        keys = {n: keys.get(n, n) for n in input_names}
+        try:
+            headers = {n: _npz_header(data, k) for n, k in keys.items()}
+            for name, (shape, dtype) in headers.items():
+                if dtype.kind not in "biuf":
+                    raise TrtQatError(f"'{path}' holds input '{name}' as a non-numeric array (dtype {dtype}, shape "
+                                      f"{list(shape)}); {fix}")
+            check_feed_bytes(sum(math.prod(shape) * dtype.itemsize for shape, dtype in headers.values()),
+                             f"the arrays of '{path}'", "give smaller arrays (fewer or smaller images)")
+            return {n: data[k] for n, k in keys.items()}
+        except unreadable as exc:
+            raise TrtQatError(f"cannot read inputs '{path}' ({_one_line(exc)}): it is corrupt; {fix}") from None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from trt_qat.errors import LOG, TrtQatError
+from trt_qat.runners.base import check_inputs, declared_dims
 
 __all__ = ["evaluate", "predict_dataset", "coco_map"]
 
@@ -42,8 +43,8 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
         iou_thres (float): NMS IoU threshold. Defaults to 0.6.
         max_images (int | None): evaluate only the first N images. Defaults to None (all).
         max_det (int): detections kept per image. Defaults to 300.
-        pad_to_batch (bool): pad the last batch to ``batch_size`` (for engines built with a fixed batch).
-            Defaults to False.
+        pad_to_batch (bool): pad the last batch to ``batch_size`` (for engines built with a fixed batch; a runner
+            that declares a fixed batch of ``batch_size`` is always padded). Defaults to False.
         desc (str | None): progress-bar label. Defaults to the runner's name.
         adapter (ModelAdapter | None): the model family, whose ``decode`` turns the runner's outputs into boxes.
             Defaults to the built-in detector's.
@@ -51,10 +52,13 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
     Returns:
         tuple[list[dict], list[int], float]: detections (``image_id``, ``category_id``, ``bbox`` xywh, ``score``),
         the evaluated image ids, and the seconds spent.
+
+    Raises:
+        TrtQatError: the runner's declared inputs cannot take the image batches (another rank, size, batch or
+            dtype, or more inputs than the one image input), checked before anything runs.
     """
     from tqdm import tqdm
 
-    from trt_qat.data.transforms import scale_boxes_to_original
     from trt_qat.models.adapter import get_adapter
 
     adapter = adapter or get_adapter()
@@ -63,31 +67,46 @@ def predict_dataset(runner, dataset, batch_size: int = 16, conf_thres: float = 0
     total = len(dataset) if max_images is None else min(len(dataset), max(int(max_images), 0))
     detections, image_ids = [], []
     start = time.perf_counter()
-    with runner, tqdm(total=total, desc=desc or f"eval {runner.name}", unit="img", leave=False,
-                      dynamic_ncols=True) as bar:
+    with runner:
         input_name = runner.input_names[0]
-        for imgs, metas in _batches(dataset, int(batch_size), max_images):
-            x = imgs.numpy().astype(np.float32, copy=False)
-            n = x.shape[0]
-            if pad_to_batch and n < batch_size:
-                x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)], 0)
-            outputs = runner.infer({input_name: x})
-            outputs = {name: value[:n] for name, value in outputs.items()}
-            for det, meta in zip(adapter.decode(outputs, conf_thres, iou_thres, max_det), metas):
-                image_ids.append(int(meta["image_id"]))
-                if det.shape[0] == 0:
-                    continue
-                det = det.cpu().numpy().astype(np.float64)
-                boxes = scale_boxes_to_original(det[:, :4], meta["ratio"], meta["pad"], meta["orig_shape"])
-                wh = boxes[:, 2:4] - boxes[:, 0:2]
-                for (x1, y1), (w, h), score, cls in zip(boxes[:, :2].tolist(), wh.tolist(), det[:, 4].tolist(),
-                                                        det[:, 5].tolist()):
-                    if w <= 0 or h <= 0:
-                        continue
-                    detections.append({"image_id": int(meta["image_id"]), "category_id": int(cls),
-                                       "bbox": [x1, y1, w, h], "score": float(score)})
-            bar.update(n)
+        declared = declared_dims((getattr(runner, "input_shapes", None) or {}).get(input_name, ()))
+        pad_to_batch = pad_to_batch or declared[:1] == [int(batch_size)]  # a fixed batch takes only full batches
+        if total:  # the first batch's shape, checked before the progress bar and the first inference
+            first = (int(batch_size) if pad_to_batch else min(int(batch_size), total),) + tuple(dataset[0][0].shape)
+            check_inputs(runner, {input_name: first}, {input_name: np.float32}, what="the evaluation images",
+                         hint="evaluation feeds a detector one input of letterboxed float32 images [batch, 3, imgsz, "
+                              "imgsz]: pass a detector's model, with --batch-size and --imgsz matching its input")
+        # (delay: no bar before the first batch is done, so an error there is the only line on stderr)
+        with tqdm(total=total, desc=desc or f"eval {runner.name}", unit="img", leave=False, dynamic_ncols=True,
+                  delay=0.5) as bar:
+            for imgs, metas in _batches(dataset, int(batch_size), max_images):
+                x = imgs.numpy().astype(np.float32, copy=False)
+                n = x.shape[0]
+                if pad_to_batch and n < batch_size:
+                    x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], np.float32)], 0)
+                outputs = runner.infer({input_name: x})
+                outputs = {name: value[:n] for name, value in outputs.items()}
+                for det, meta in zip(adapter.decode(outputs, conf_thres, iou_thres, max_det), metas):
+                    image_ids.append(int(meta["image_id"]))
+                    detections += _coco_detections(det, meta)
+                bar.update(n)
     return detections, image_ids, time.perf_counter() - start
+
+
+def _coco_detections(det, meta: dict) -> list:
+    """COCO detections (xywh in original-image pixels) of one image's decoded ``[n, 6]`` boxes."""
+    from trt_qat.data.transforms import scale_boxes_to_original
+
+    if det.shape[0] == 0:
+        return []
+    det = det.cpu().numpy().astype(np.float64)
+    boxes = scale_boxes_to_original(det[:, :4], meta["ratio"], meta["pad"], meta["orig_shape"])
+    wh = boxes[:, 2:4] - boxes[:, 0:2]
+    return [{"image_id": int(meta["image_id"]), "category_id": int(cls), "bbox": [x1, y1, w, h],
+             "score": float(score)}
+            for (x1, y1), (w, h), score, cls in zip(boxes[:, :2].tolist(), wh.tolist(), det[:, 4].tolist(),
+                                                    det[:, 5].tolist())
+            if w > 0 and h > 0]
 
 
 def _complete_gt(gt: dict) -> dict:

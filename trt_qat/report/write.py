@@ -4,7 +4,12 @@ PNG plots and a self-contained HTML page (plots embedded, opens offline).
 A row is a dict with any of these keys: ``variant``, ``backend``, ``precision``, ``batch``, ``map50``,
 ``map50_95``, ``latency_ms_p50``, ``latency_ms_p99``, ``qps``, ``size_mb``, ``notes``. Missing values are shown as
 "n/a", never invented. ``delta_map50_95`` is computed against the row whose variant is "FP32"
-(PyTorch) when present.
+(PyTorch) when present. A non-finite number (NaN, Infinity) is missing too: "n/a" in Markdown and HTML, ``null``
+in report.json (strict JSON, which has no NaN).
+
+:func:`load_rows` refuses a JSON file that holds no report rows: each row needs a name (``variant``, or ``model``
+for a `trt-qat bench` result) and at least one metric (:data:`METRIC_KEYS`, or a bench result's
+``Throughput (qps)``).
 """
 from __future__ import annotations
 
@@ -12,12 +17,19 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_dir
+from trt_qat.fileio import atomic_path, atomic_write_json, atomic_write_text, ensure_dir, json_safe
 
-__all__ = ["write_report", "format_markdown_table", "pareto_front", "load_rows", "merge_rows"]
+__all__ = ["write_report", "report_files", "format_markdown_table", "pareto_front", "load_rows", "merge_rows",
+           "METRIC_KEYS", "REPORT_FILES"]
+
+#: the numbers a row may carry; a row needs at least one of them (a bench result: its ``Throughput (qps)``)
+METRIC_KEYS = ("map50", "map50_95", "latency_ms_p50", "latency_ms_p99", "qps", "size_mb")
+#: the files :func:`write_report` writes into its output directory (the plots only when there is data for them)
+REPORT_FILES = ("report.md", "report.json", "report.html", "map_by_variant.png", "latency_vs_map.png")
 
 COLUMNS = [
     ("variant", "variant"), ("backend", "backend"), ("precision", "precision"), ("batch", "batch"),
@@ -28,7 +40,7 @@ COLUMNS = [
 
 
 def _fmt(key, value) -> str:
-    if value is None or value == "":
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if key in ("map50", "map50_95"):
         return f"{value:.4f}"
@@ -126,7 +138,7 @@ def _html(title, rows, meta, plots, sections) -> str:
                    f'{base64.b64encode(data).decode()}"/><figcaption>{html.escape(name)}</figcaption></figure>'
                    for name, data in plots.items())
     extra = "".join(f"<h2>{html.escape(h)}</h2><pre>{html.escape(body)}</pre>" for h, body in sections)
-    meta_pre = html.escape(json.dumps(meta, indent=2, default=str))
+    meta_pre = html.escape(json.dumps(json_safe(meta), indent=2, default=str))
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:4px 8px;font-size:13px}th{background:#eee}figure{display:inline-block;margin:1em}"
              "pre{background:#f6f6f6;padding:1em;overflow:auto}")
@@ -135,9 +147,15 @@ def _html(title, rows, meta, plots, sections) -> str:
             f"{imgs}{extra}<h2>Run configuration and versions</h2><pre>{meta_pre}</pre></body></html>\n")
 
 
+def report_files(out_dir) -> list:
+    """The paths :func:`write_report` may write in ``out_dir`` (to refuse an output that is an input first)."""
+    return [Path(out_dir) / name for name in REPORT_FILES]
+
+
 def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat report",
                  sections: list | None = None, images: list | None = None) -> Path:
     """Write report.md, report.json, report.html and PNG plots into ``out_dir``; returns the report.md path.
+    Non-finite numbers (NaN, Infinity) are shown as missing: "n/a", and ``null`` in the strict-JSON report.json.
 
     Args:
         rows (list[dict]): one dict per variant (see module docstring).
@@ -148,7 +166,7 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
         images (list[str]): extra PNG files (e.g. a sensitivity chart) to link and embed. Defaults to none.
     """
     out = ensure_dir(out_dir)
-    meta = meta or {}
+    rows, meta = json_safe(list(rows)), json_safe(meta or {})
     sections = sections or []
     plots = _plots(rows)
     for name, data in plots.items():
@@ -163,8 +181,8 @@ def write_report(rows, out_dir, meta: dict | None = None, title: str = "trt_qat 
         md += ["", f"## {heading}", "", "```", body.rstrip(), "```"]
     md += ["", "## Run configuration and versions", "", "```json", json.dumps(meta, indent=2, default=str), "```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_json(out / "report.json", {"title": title, "rows": _with_deltas(rows), "meta": meta,
-                                            "sections": dict(sections)})
+    atomic_write_json(out / "report.json", json_safe({"title": title, "rows": _with_deltas(rows), "meta": meta,
+                                                      "sections": dict(sections)}))
     atomic_write_text(out / "report.html", _html(title, rows, meta, plots, sections))
     return out / "report.md"
 
@@ -187,25 +205,45 @@ def load_rows(path: Path):
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise TrtQatError(f"'{path}' holds no report rows (objects with variant/map50_95/latency fields); pass "
                           "eval/bench JSON files written by trt-qat")
-    for row in rows:
-        for key in ("map50", "map50_95", "latency_ms_p50", "latency_ms_p99", "qps", "size_mb"):
-            value = row.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise TrtQatError(f"'{path}': {key} = {value!r} is not a number; pass eval/bench JSON files "
-                                  "written by trt-qat")
+    for i, row in enumerate(rows, start=1):
+        _check_row(path, i, row)
     return rows
+
+
+def _check_row(path, i: int, raw: dict) -> None:
+    """Refuse a row with no name or no metric (an unrelated JSON object), or with a metric that is not a number."""
+    row = _from_bench(raw) if _is_bench(raw) else raw
+    for key in METRIC_KEYS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TrtQatError(f"'{path}': {key} = {value!r} is not a number; pass eval/bench JSON files "
+                              "written by trt-qat")
+    name = row.get("variant")
+    if not isinstance(name, str) or not name.strip() or not any(key in row for key in METRIC_KEYS):
+        keys = ", ".join(sorted(map(str, raw))[:8]) or "none"
+        raise TrtQatError(f"'{path}': row {i} is not a report row (keys: {keys}): a row needs a variant name and "
+                          f"at least one metric ({', '.join(METRIC_KEYS)}), a bench result its model and "
+                          "Throughput (qps); pass eval/bench JSON files written by trt-qat")
 
 
 _BACKENDS = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "onnxruntime-cpu": "onnxruntime",
              "trt": "tensorrt", "tensorrt": "tensorrt", "torch": "torch"}
 
 
+def _is_bench(row: dict) -> bool:
+    return "Throughput (qps)" in row
+
+
 def _from_bench(result: dict) -> dict:
-    """A report row from a `trt-qat bench --exportJson` result (latency of batch ``batch``)."""
-    s = result.get("summary") or {}
-    return {"variant": Path(str(result.get("model", "?"))).stem, "backend": result.get("backend"),
+    """A report row from a `trt-qat bench --exportJson` result (latency of batch ``batch``); the variant is the
+    model file's stem (None without a model)."""
+    s = result.get("summary")
+    s = s if isinstance(s, dict) else {}
+    model = result.get("model")
+    named = isinstance(model, str) and model.strip()
+    return {"variant": Path(model).stem if named else None, "backend": result.get("backend"),
             "batch": result.get("batch"), "latency_ms_p50": s.get("latency_ms_median"),
-            "latency_ms_p99": s.get("latency_ms_p99"), "qps": s.get("qps")}
+            "latency_ms_p99": s.get("latency_ms_p99"), "qps": s.get("qps", result.get("Throughput (qps)"))}
 
 
 def merge_rows(rows):
@@ -213,7 +251,7 @@ def merge_rows(rows):
     `trt-qat bench --exportJson` (latency) results of one ONNX file or engine become one row."""
     merged = {}
     for r in rows:
-        if "Throughput (qps)" in r:
+        if _is_bench(r):
             r = _from_bench(r)
         key = (r.get("variant"), _BACKENDS.get(r.get("backend"), r.get("backend")))
         row = merged.setdefault(key, {})

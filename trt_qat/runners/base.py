@@ -13,7 +13,7 @@ import numpy as np
 
 from trt_qat.errors import TrtQatError
 
-__all__ = ["BaseRunner"]
+__all__ = ["BaseRunner", "declared_dims", "check_inputs"]
 
 
 class BaseRunner:
@@ -85,3 +85,59 @@ class BaseRunner:
     def last_inference_time(self) -> float | None:
         """Wall time of the last :meth:`infer` call in seconds (host timer)."""
         return self._last_time
+
+
+def declared_dims(shape) -> list:
+    """A declared input shape with its dynamic dimensions as None.
+
+    Args:
+        shape (Sequence): the shape a runner declares: ints, with dynamic dimensions as strings (ONNX symbolic
+            names), None, or -1 (TensorRT).
+
+    Returns:
+        list[int | None]: the fixed dimensions as ints, the dynamic ones as None.
+    """
+    return [int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in shape]
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("?" if d is None or (isinstance(d, (int, np.integer)) and d < 0) else str(d)
+                           for d in shape) + "]"
+
+
+def check_inputs(runner, shapes: dict, dtypes: dict | None = None, what: str = "the inputs",
+                 hint: str = "give arrays of the shapes and dtypes the model declares") -> None:
+    """Refuse, before anything runs, inputs that an active runner's declared inputs cannot take: an input the
+    caller does not give, another rank, a fixed dimension that differs, another dtype. Runners that declare no
+    shapes (PyTorch) are checked by input name only.
+
+    Args:
+        runner (BaseRunner): an active runner; ``input_shapes`` and ``input_dtypes`` are used when it has them.
+        shapes (dict): ``{input name: shape}`` the caller is about to feed.
+        dtypes (dict | None): ``{input name: dtype}``; None skips the dtype check. Defaults to None.
+        what (str): what the inputs are, for the message (e.g. "the evaluation images"). Defaults to "the inputs".
+        hint (str): how to fix a mismatch, for the message.
+
+    Raises:
+        TrtQatError: one line naming the input, what the model declares and what was given.
+    """
+    source = getattr(runner, "source", None) or runner.name
+    names = runner.input_names
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise TrtQatError(f"'{source}' takes the inputs {names}, got none for {missing} from {what}; {hint}")
+    declared = getattr(runner, "input_shapes", None) or {}
+    declared_types = getattr(runner, "input_dtypes", None) or {}
+    for name in names:
+        given = tuple(int(d) for d in shapes[name])
+        given_type = np.dtype(dtypes[name]) if dtypes and name in dtypes else None
+        fixed = declared_dims(declared[name]) if name in declared else None
+        want_type = np.dtype(declared_types[name]) if name in declared_types else None
+        shape_ok = fixed is None or (len(fixed) == len(given) and all(f is None or f == g
+                                                                      for f, g in zip(fixed, given)))
+        type_ok = given_type is None or want_type is None or given_type == want_type
+        if not (shape_ok and type_ok):
+            want = (_shape_text(declared[name]) if fixed is not None else "any shape") + (
+                f" {want_type.name}" if want_type is not None else "")
+            got = _shape_text(given) + (f" {given_type.name}" if given_type is not None else "")
+            raise TrtQatError(f"input '{name}' of '{source}' takes {want}, got {got} from {what}; {hint}")

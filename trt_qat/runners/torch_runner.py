@@ -60,10 +60,19 @@ class TorchRunner(BaseRunner):
 
     def infer_impl(self, feed_dict):
         device = self._model_device()
-        x = torch.from_numpy(np.asarray(feed_dict[self.input_name])).to(device)
+        arr = np.asarray(feed_dict[self.input_name])
         self.model.eval()
-        with torch.no_grad():
-            out = self.model(x)
+        try:
+            x = torch.from_numpy(arr).to(device)
+            with torch.no_grad():
+                out = self.model(x)
+        except TrtQatError:
+            raise
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # a shape or dtype the model cannot take
+            msg = " ".join(str(exc).split())[:300]
+            raise TrtQatError(f"PyTorch inference of '{self.name}' failed on input '{self.input_name}' "
+                              f"{list(arr.shape)} {arr.dtype} ({type(exc).__name__}: {msg}); give an input of the "
+                              "shape and dtype the model takes") from None
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         if len(outs) > len(self.output_names):
             names = list(self.output_names) + [f"output{i}" for i in range(len(self.output_names), len(outs))]

@@ -87,6 +87,7 @@ class TrtRunner(BaseRunner):
     def __init__(self, engine_path, name: str | None = None, check_metadata: bool = True, cuda_graph: bool = False):
         super().__init__(name=name)
         self.engine_path = Path(engine_path)
+        self.source = str(self.engine_path)
         if not self.engine_path.is_file():
             raise TrtQatError(f"engine '{self.engine_path}' does not exist; build one with "
                               "`python -m trt_qat.build_engine --onnx model.onnx`")
