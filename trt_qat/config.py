@@ -247,10 +247,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Model: a built-in detector name and an FP32 checkpoint."""
+    """Model: an FP32 checkpoint, the model's name (checked against the checkpoint's when it has one) and its family
+    (None: recognised from the checkpoint)."""
 
-    name: str = "yolo-n"
+    name: str | None = "yolo-n"
     checkpoint: str | None = None
+    family: str | None = None
 
 
 @dataclass

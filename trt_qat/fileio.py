@@ -15,7 +15,7 @@ from trt_qat.errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "json_safe", "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input",
-           "output_lock", "remove_stale_tmp", "write_unit"]
+           "output_lock", "remove_stale_tmp", "write_unit", "pickle_globals", "check_pickle_globals"]
 
 
 def ensure_dir(path) -> Path:
@@ -271,3 +271,55 @@ def write_unit(directory, writers: dict, manifest: str = "MANIFEST.json") -> Pat
         write(directory / name)
         digests[name] = hashlib.sha256((directory / name).read_bytes()).hexdigest()
     return atomic_write_json(directory / manifest, {"files": digests})
+
+
+def pickle_globals(path) -> list:
+    """The ``"module name"`` globals the pickle in a ``torch.save`` file would import, read with :mod:`pickletools`:
+    nothing is unpickled, so nothing runs. Empty when the file is not a torch zip archive."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            data = zf.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg))
+            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]} {strings[-1]}")
+    except Exception:  # noqa: BLE001 - a malformed pickle: report what was read
+        pass
+    return sorted(set(found))
+
+
+#: builtins a model pickle may name (containers and plain values); eval, exec, getattr and the like are not here
+SAFE_BUILTINS = frozenset({"set", "frozenset", "slice", "complex", "bytearray", "range"})
+
+
+def check_pickle_globals(path, allowed_modules) -> None:
+    """Refuse a pickle that names a global outside ``allowed_modules`` (top-level package names) and
+    :data:`SAFE_BUILTINS`, before it is unpickled: a model checkpoint has no business importing ``os.system``.
+
+    This narrows, and does not remove, the risk of unpickling (an allowed package can still be misused); foreign
+    checkpoints should still come from a source you trust.
+    """
+    allowed = set(allowed_modules)
+    bad = []
+    for item in pickle_globals(path):
+        module, _, name = item.partition(" ")
+        top = module.split(".")[0]
+        if top in ("builtins", "__builtin__"):
+            if name not in SAFE_BUILTINS:
+                bad.append(item.replace(" ", "."))
+        elif top not in allowed:
+            bad.append(item.replace(" ", "."))
+    if bad:
+        raise TrtQatError(f"checkpoint '{path}' would import {', '.join(bad[:3])} when loaded, which no model "
+                          "checkpoint needs; not loading it (re-save the model from a source you trust)")

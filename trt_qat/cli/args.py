@@ -8,6 +8,7 @@ import sys
 
 from trt_qat.config import MAX_IMGSZ, MAX_LR, MIN_IMGSZ
 from trt_qat.errors import TrtQatError, setup_logging
+from trt_qat.models.adapter import FAMILY_MODULES
 
 __all__ = ["ArgumentParser", "cli_main", "add_model_args", "add_data_args",
            "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
@@ -152,8 +153,11 @@ def learning_rate(text: str) -> float:
 
 def add_model_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("model")
-    group.add_argument("--checkpoint", required=True, help="FP32 checkpoint written by `trt-qat train`")
+    group.add_argument("--checkpoint", required=True,
+                       help="FP32 checkpoint: written by `trt-qat train`, or an Ultralytics .pt (YOLOv5u/v8/11/26)")
     group.add_argument("--model", default=None, help="built-in model name (default: the checkpoint's)")
+    group.add_argument("--model-family", default=None, choices=sorted(FAMILY_MODULES),
+                       help="the checkpoint's model family (default: recognised from the checkpoint)")
     return group
 
 
@@ -172,7 +176,7 @@ def load_fp32_model(args):
     ``--model``."""
     from trt_qat.models.adapter import load_fp32
 
-    model, adapter = load_fp32(args.checkpoint)
+    model, adapter = load_fp32(args.checkpoint, getattr(args, "model_family", None))
     held = adapter.model_name(model)
     if getattr(args, "model", None) and held != args.model:
         raise TrtQatError(f"checkpoint '{args.checkpoint}' holds {held}, not {args.model}; drop "

@@ -53,7 +53,8 @@ def main(argv=None):
                                   "least one image (fewer processes, or more images)")
             dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
         loader = build_dataloader(dataset, batch_size=args.batch_size)
-        qcfg = QuantConfig(skip=args.skip, rules=not args.no_rules)
+        # the layers the model family keeps in float on purpose (Ultralytics' DFL conv) stay in float
+        qcfg = QuantConfig(skip=[*args.skip, *adapter.float_skip_patterns(model)], rules=not args.no_rules)
         quantize(model, qcfg, sample_input=adapter.sample_input(args.imgsz))
         if device is not None:
             model.to(device)

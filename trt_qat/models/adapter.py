@@ -22,10 +22,10 @@ import importlib
 from trt_qat.errors import TrtQatError
 
 __all__ = ["ModelAdapter", "register_adapter", "get_adapter", "adapter_for_checkpoint", "adapter_for_model",
-           "load_fp32", "FAMILY_MODULES", "DEFAULT_FAMILY"]
+           "load_fp32", "family_of_pickle", "FAMILY_MODULES", "DEFAULT_FAMILY"]
 
 #: family name -> the module that registers its adapter (imported lazily)
-FAMILY_MODULES = {"builtin": "trt_qat.models.builtin"}
+FAMILY_MODULES = {"builtin": "trt_qat.models.builtin", "ultralytics": "trt_qat.models.ultralytics"}
 DEFAULT_FAMILY = "builtin"
 _REGISTRY: dict = {}
 
@@ -40,6 +40,9 @@ class ModelAdapter:
     """
 
     family = ""
+    #: top-level packages whose classes this family's own (pickled) checkpoints name; how a foreign ``.pt`` is
+    #: recognised without unpickling it (see :func:`trt_qat.fileio.pickle_globals`)
+    pickle_modules: tuple = ()
     input_names = ("images",)
     output_names = ("output",)
 
@@ -146,6 +149,12 @@ class ModelAdapter:
         """``{module name: reason}`` of the layers this family keeps in float on purpose."""
         return {}
 
+    def float_skip_patterns(self, model) -> list:
+        """:meth:`float_layers` as ``quant.skip`` regexes (each matches exactly that module)."""
+        import re
+
+        return [f"^{re.escape(name)}$" for name in self.float_layers(model)]
+
 
 def register_adapter(cls):
     """Class decorator: register an adapter class under its ``family``."""
@@ -200,6 +209,27 @@ def load_fp32(path, family: str | None = None):
     """
     from trt_qat.fileio import read_checkpoint
 
-    ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+    if family:
+        adapter = get_adapter(family)
+        return adapter.tag(adapter.load(path)[0]), adapter
+    try:
+        ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+    except TrtQatError:
+        named = family_of_pickle(path)  # a family's own pickled format (an Ultralytics .pt)?
+        if named is None:
+            raise
+        return load_fp32(path, named)
     adapter = adapter_for_checkpoint(ckpt, family)
     return adapter.tag(adapter.from_checkpoint(ckpt, path)), adapter
+
+
+def family_of_pickle(path) -> str | None:
+    """The family whose :attr:`ModelAdapter.pickle_modules` the pickle in ``path`` names (read without unpickling),
+    or None."""
+    from trt_qat.fileio import pickle_globals
+
+    tops = {item.split(" ")[0].split(".")[0] for item in pickle_globals(path)}
+    for name in FAMILY_MODULES:
+        if tops & set(get_adapter(name).pickle_modules):
+            return name
+    return None

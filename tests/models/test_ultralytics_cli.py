@@ -1,0 +1,70 @@
+"""An Ultralytics .pt through the command line: recognised from the checkpoint (read without unpickling), then
+calibrate -> export -> eval in ONNX Runtime and in PyTorch -> lint, with the DFL conv kept in float on purpose."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from fixtures_data import tiny_digits_yaml  # noqa: F401  (pytest fixture)
+
+pytest.importorskip("ultralytics", reason="ultralytics is not installed (pip install trt-qat[ultralytics])")
+
+from trt_qat.__main__ import main  # noqa: E402
+from trt_qat.models.adapter import family_of_pickle, load_fp32  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def yolov8n_pt(tmp_path_factory):
+    """A YOLOv8n .pt as Ultralytics writes it (a pickled DetectionModel, FP16), 10 classes, built offline."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ul") / "yolov8n.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=10, verbose=False).half(), "train_args": {}}, path)
+    return path
+
+
+def test_family_is_recognised_without_unpickling(yolov8n_pt, tmp_path):
+    assert family_of_pickle(yolov8n_pt) == "ultralytics"
+    model, adapter = load_fp32(yolov8n_pt)
+    assert adapter.family == "ultralytics" and adapter.num_classes(model) == 10
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_pickle_naming_os_system_is_refused_before_it_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    from ultralytics.nn.modules import Conv
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Conv(3, 4), "x": Payload()}, evil)  # names ultralytics, so it looks like theirs
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--checkpoint", str(evil), "--data", "d.yaml", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "would import" in err and "system" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_calibrate_export_eval_lint(yolov8n_pt, tiny_digits_yaml, tmp_path, capsys):  # noqa: F811
+    calib, onnx_path = tmp_path / "calib", tmp_path / "m.onnx"
+    assert main(["calibrate", "--checkpoint", str(yolov8n_pt), "--data", str(tiny_digits_yaml), "--imgsz", "64",
+                 "--out", str(calib)]) == 0
+    assert main(["export", "--checkpoint", str(calib / "quantized.pt"), "--imgsz", "64", "-o", str(onnx_path)]) == 0
+    for source in (["--onnx", str(onnx_path)], ["--checkpoint", str(calib / "quantized.pt")]):
+        out = tmp_path / f"eval_{source[0][2:]}.json"
+        assert main(["eval", *source, "--data", str(tiny_digits_yaml), "--imgsz", "64", "--json", str(out)]) == 0
+        row = json.loads(out.read_text())
+        assert row["images"] == 6 and 0.0 <= row["map50_95"] <= 1.0
+    report = tmp_path / "lint.json"
+    main(["lint", str(onnx_path), "--json", str(report)])
+    stats = json.loads(report.read_text())["stats"]
+    assert stats["weighted_layers"] - stats["int8_layers"] == 1  # the DFL conv, in float on purpose
+    capsys.readouterr()

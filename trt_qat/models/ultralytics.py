@@ -1,0 +1,322 @@
+"""Ultralytics YOLO detectors (YOLOv8, YOLO11, YOLO26, ...: ``ultralytics.nn.tasks.DetectionModel``) behind the
+model-adapter seam.
+
+The ``ultralytics`` package is optional (``pip install trt-qat[ultralytics]``) and is imported only inside the
+functions that need it: importing this module (which :func:`trt_qat.models.adapter.get_adapter` does on first use
+of the family, or when a checkpoint names no family) never imports it.
+
+* Models are built offline from a model yaml (``yolov8n.yaml``, ``yolo11n.yaml``, ``yolo26n.yaml``, or a path).
+* Ultralytics ``.pt`` files are pickles of whole modules; :meth:`UltralyticsAdapter.load` is the only place that
+  unpickles one. Files trt_qat writes hold data only (the model yaml, class names and a ``state_dict``) and are read
+  with ``torch.load(weights_only=True)`` like every other trt_qat checkpoint.
+* The Detect head is put in Ultralytics' export mode, so that in eval mode the model returns one decoded tensor
+  ``[B, 4 + nc, N]`` (``cx, cy, w, h`` in input pixels, class probabilities), the ONNX output ``output0``.
+* Training calls Ultralytics' own criterion (``DetectionModel.init_criterion()``: ``v8DetectionLoss``, or
+  ``E2ELoss`` for heads with a one-to-one branch).
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from trt_qat.errors import TrtQatError
+from trt_qat.fileio import atomic_torch_save, check_pickle_globals, require_file
+from trt_qat.models.adapter import ModelAdapter, register_adapter
+from trt_qat.models.postprocess import xywh_to_xyxy
+
+__all__ = ["UltralyticsAdapter"]
+
+_MAX_NMS_INPUT = 30000  # boxes kept (by score) before NMS
+_PLAIN = (str, int, float, bool, type(None))
+# pickled module paths and class names of older Ultralytics releases -> their current homes (read from ultralytics)
+_LEGACY_MODULES = {"ultralytics.yolo.utils": "ultralytics.utils", "ultralytics.yolo.v8": "ultralytics.models.yolo",
+                   "ultralytics.yolo.data": "ultralytics.data"}
+_LEGACY_ATTRIBUTES = {"ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
+                      "ultralytics.utils.loss.v10DetectLoss": "ultralytics.utils.loss.E2EDetectLoss"}
+
+
+def _tasks():
+    """``ultralytics.nn.tasks``, or one TrtQatError naming the extra to install."""
+    try:
+        from ultralytics.nn import tasks
+    except ImportError as exc:
+        raise TrtQatError(f"model family 'ultralytics' needs the ultralytics package ({exc}); install it: "
+                          "pip install trt-qat[ultralytics]") from None
+    return tasks
+
+
+def _is_ultralytics_module(obj) -> bool:
+    return isinstance(obj, torch.nn.Module) and type(obj).__module__.split(".")[0] == "ultralytics"
+
+
+def _is_plain(obj) -> bool:
+    """Whether ``obj`` is plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, _PLAIN) and _is_plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_is_plain(v) for v in obj)
+    return isinstance(obj, _PLAIN)
+
+
+def _head(model):
+    """The model's Detect head (or TrtQatError when ``model`` is not an Ultralytics detection model)."""
+    tasks = _tasks()
+    head = model.model[-1] if isinstance(model, tasks.DetectionModel) else None
+    if type(head) not in (tasks.Detect, tasks.v10Detect):  # (Segment, Pose, OBB, YOLOE heads are Detect subclasses)
+        kind = type(head).__name__ if head is not None else type(model).__name__
+        raise TrtQatError(f"the ultralytics adapter handles detection models (a Detect head), not {kind}; pass a "
+                          "YOLO detection model (yolov8n.yaml, yolo11n.pt, ...)")
+    return head
+
+
+def _export_mode(model):
+    """Set the Detect head the way Ultralytics' exporter does, so eval mode returns the decoded tensor alone."""
+    head = _head(model)
+    head.export = True  # eval forward returns y, not (y, raw dict)
+    head.format = "onnx"
+    head.dynamic = False  # anchors are cached per input shape (rebuilt when it changes)
+    head.shape = None
+    return model
+
+
+def _names_list(names, nc: int) -> list:
+    if isinstance(names, dict):
+        return [str(names.get(i, i)) for i in range(nc)]
+    return [str(n) for n in names] if names is not None else [str(i) for i in range(nc)]
+
+
+@register_adapter
+class UltralyticsAdapter(ModelAdapter):
+    """Ultralytics ``DetectionModel`` with a ``Detect`` head. The eval output ``output0`` is ``[B, 4 + nc, N]``:
+    ``cx, cy, w, h`` in input pixels and ``nc`` class probabilities per anchor point (no objectness); with the
+    one-to-one head selected (``model.end2end = True``, YOLO26/YOLOv10) it is ``[B, max_det, 6]`` instead."""
+
+    family = "ultralytics"
+    pickle_modules = ("ultralytics",)
+    input_names = ("images",)
+    output_names = ("output0",)
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def recognizes(self, ckpt: dict) -> bool:
+        if not isinstance(ckpt, dict):
+            return False
+        if super().recognizes(ckpt):
+            return True
+        return _is_ultralytics_module(ckpt.get("ema")) or _is_ultralytics_module(ckpt.get("model"))
+
+    def build(self, name: str, nc: int):
+        """A freshly initialised detector from an Ultralytics model yaml (``yolov8n.yaml``, ``yolo11s.yaml``, a
+        path), built offline, in train mode."""
+        tasks = _tasks()
+        name = str(name)
+        if "://" in name or not name.endswith((".yaml", ".yml")):
+            raise TrtQatError(f"'{name}' is not an Ultralytics model yaml; name one such as 'yolov8n.yaml' or "
+                              "'yolo11n.yaml' (trained .pt weights load as a checkpoint instead)")
+        try:
+            cfg = tasks.yaml_model_load(name)
+        except FileNotFoundError:
+            raise TrtQatError(f"Ultralytics model yaml '{name}' was not found; name one shipped with ultralytics "
+                              "(yolov8n.yaml, yolo11n.yaml, yolo26n.yaml, ...) or give the path of your own") from None
+        return _export_mode(tasks.DetectionModel(cfg=cfg, nc=int(nc), verbose=False))
+
+    def load(self, path):
+        """``(model, checkpoint dict)`` of a checkpoint written by trt_qat (data only) or by Ultralytics.
+
+        A trt_qat-written file is read with ``torch.load(weights_only=True)``. An Ultralytics ``.pt`` holds pickled
+        modules, so it is read with ``weights_only=False``: unpickling it runs the code the pickle names, as every
+        pickle does, so load only files from a source you trust. The model comes back in FP32 and eval mode.
+        """
+        path = require_file(path, "checkpoint", "check the path")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # trt_qat's own files: data only
+        except pickle.UnpicklingError:  # it holds pickled code (an Ultralytics .pt), or it is not a pickle at all
+            ckpt = self._unpickle(path)
+        except Exception as exc:
+            raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not "
+                              "a PyTorch checkpoint: re-download or re-create it") from None
+        return self.from_checkpoint(ckpt, path), ckpt
+
+    @staticmethod
+    def _unpickle(path) -> dict:
+        tasks = _tasks()
+        check_pickle_globals(path, ("ultralytics", "torch", "collections", "numpy", "_codecs", "pathlib",
+                                    "datetime"))
+        try:
+            with tasks.temporary_modules(modules=_LEGACY_MODULES, attributes=_LEGACY_ATTRIBUTES):
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)  # runs the pickle: see load()
+        except ModuleNotFoundError as exc:
+            raise TrtQatError(f"checkpoint '{path}' needs module '{exc.name}', which is not installed; it was not "
+                              "written by this ultralytics release: re-save it with the ultralytics it came from, "
+                              "or install that module") from None
+        except Exception as exc:
+            raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not "
+                              "an Ultralytics checkpoint: re-download or re-save it") from None
+        if not isinstance(ckpt, dict):  # a bare pickled DetectionModel, or a YOLO() wrapper holding one
+            inner = getattr(ckpt, "model", None)
+            ckpt = {"model": inner if isinstance(inner, tasks.DetectionModel) else ckpt}
+        return ckpt
+
+    def from_checkpoint(self, ckpt: dict, path="<checkpoint>"):
+        if isinstance(ckpt, dict) and ckpt.get("format") == "trt_qat.quantized/1":
+            raise TrtQatError(f"checkpoint '{path}' is a quantized (calibrate/qat) checkpoint; this step needs the "
+                              "FP32 one")
+        if isinstance(ckpt, dict) and "model_cfg" in ckpt and "state_dict" in ckpt:
+            model = self.from_architecture(ckpt["model_cfg"])
+            try:
+                model.load_state_dict(ckpt["state_dict"])
+            except (RuntimeError, TypeError) as exc:
+                raise TrtQatError(f"checkpoint '{path}' does not match its model yaml ({str(exc).splitlines()[0]}); "
+                                  "re-create it") from None
+            return model.eval()
+        module = None
+        if isinstance(ckpt, dict):  # Ultralytics' trainer writes the EMA under "ema", YOLO.save() under "model"
+            module = ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
+        if not _is_ultralytics_module(module):
+            raise TrtQatError(f"checkpoint '{path}' holds no Ultralytics model (no 'model'/'ema' module, nor "
+                              "'model_cfg' + 'state_dict'); pass a YOLO .pt or a file trt_qat wrote for this family")
+        if ckpt.get("modelopt"):
+            raise TrtQatError(f"checkpoint '{path}' was quantization-aware trained by Ultralytics (modelopt state); "
+                              "pass the FP32 checkpoint")
+        model = module.float()
+        if isinstance(ckpt.get("train_args"), dict):
+            model.args = dict(ckpt["train_args"])  # the loss gains the model was trained with
+        for p in model.parameters():
+            p.requires_grad_(True)
+        _head(model).dfl.requires_grad_(False)  # (fixed integral weights; an Identity when reg_max == 1)
+        return _export_mode(model).eval()
+
+    def save(self, model, path, **extra):
+        """Write ``{"model_family", "model_cfg" (yaml, nc, names), "state_dict", **extra}`` atomically: data only,
+        readable with ``torch.load(weights_only=True)``."""
+        arch = self.architecture(model)
+        if arch is None:
+            raise TrtQatError(f"{type(model).__name__} is not an Ultralytics detection model with a plain model yaml; "
+                              "save it with ultralytics itself")
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save({"model_family": self.family, "model_cfg": arch, "state_dict": state, **extra}, path)
+        return Path(path)
+
+    def architecture(self, model) -> dict | None:
+        tasks = _tasks()
+        yaml = getattr(model, "yaml", None)
+        if not isinstance(model, tasks.DetectionModel) or not isinstance(yaml, dict) or not _is_plain(yaml):
+            return None
+        nc = int(_head(model).nc)
+        return {"yaml": copy.deepcopy(yaml), "nc": nc, "names": _names_list(getattr(model, "names", None), nc)}
+
+    def from_architecture(self, arch: dict):
+        tasks = _tasks()
+        if not isinstance(arch, dict) or not isinstance(arch.get("yaml"), dict) or "nc" not in arch:
+            raise TrtQatError("the checkpoint's model_cfg is not an Ultralytics model description (yaml, nc, "
+                              "names); re-create the checkpoint with trt_qat")
+        yaml = copy.deepcopy(arch["yaml"])
+        try:
+            model = tasks.DetectionModel(cfg=yaml, ch=int(yaml.get("channels", 3)), nc=int(arch["nc"]),
+                                         verbose=False)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise TrtQatError(f"the checkpoint's Ultralytics model yaml cannot be built ({exc.__class__.__name__}: "
+                              f"{exc}); re-create the checkpoint with trt_qat") from None
+        model.names = dict(enumerate(_names_list(arch.get("names"), int(arch["nc"]))))
+        return _export_mode(model)
+
+    def model_name(self, model) -> str | None:
+        yaml_file = (getattr(model, "yaml", None) or {}).get("yaml_file")
+        return Path(str(yaml_file)).stem if yaml_file else None
+
+    def num_classes(self, model) -> int | None:
+        head = model.model[-1] if isinstance(getattr(model, "model", None), torch.nn.Sequential) else None
+        return int(head.nc) if head is not None and hasattr(head, "nc") else None
+
+    def class_names(self, model) -> list | None:
+        nc = self.num_classes(model)
+        if nc is None or getattr(model, "names", None) is None:
+            return None
+        names = _names_list(model.names, nc)
+        return None if names == [str(i) for i in range(nc)] else names  # placeholders of a freshly built model
+
+    # --- input and output --------------------------------------------------------------------------------
+    def sample_input(self, imgsz: int, batch: int = 1):
+        if int(imgsz) % 32:
+            raise TrtQatError(f"imgsz {imgsz} is not a multiple of 32, the largest stride of Ultralytics detectors; "
+                              f"use {max(32, int(imgsz) // 32 * 32)} or {(int(imgsz) // 32 + 1) * 32}")
+        return super().sample_input(imgsz, batch)
+
+    # --- training and evaluation -------------------------------------------------------------------------
+    def loss_fn(self, model):
+        """Ultralytics' own criterion (``model.init_criterion()``) on trt_qat batches.
+
+        The targets ``[N, 6]`` (batch index, class, normalized ``cx, cy, w, h``) become Ultralytics' batch dict
+        (``batch_idx``, ``cls``, ``bboxes``); the loss returned is their backward convention: the sum of the
+        (box, cls, dfl) terms times the batch size. The last items are kept in ``loss_fn.last_items``, the criterion
+        in ``loss_fn.criterion`` (built on the model's device at the first call, rebuilt when it moves; an
+        ``E2ELoss`` has an ``update()`` that Ultralytics' trainer calls once per epoch).
+        """
+        _head(model)
+        hyp = _hyperparameters(model)
+
+        def loss_fn(net, batch):
+            imgs, targets = batch[0], batch[1]
+            device = next(net.parameters()).device
+            if loss_fn.criterion is None or loss_fn.criterion_device != device:
+                model.args = hyp  # (v8DetectionLoss reads its gains from model.args)
+                loss_fn.criterion, loss_fn.criterion_device = model.init_criterion(), device
+            preds = net(imgs.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True).float()
+            loss, items = loss_fn.criterion(preds, {"batch_idx": targets[:, 0], "cls": targets[:, 1:2],
+                                                    "bboxes": targets[:, 2:6]})
+            loss_fn.last_items = torch.stack([v.detach() for v in items.values()])
+            return loss.sum()
+
+        loss_fn.criterion = loss_fn.criterion_device = loss_fn.last_items = None
+        return loss_fn
+
+    def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
+        """Single-label, class-aware NMS (``torchvision.ops.batched_nms``) on ``[B, 4 + nc, N]``; a one-to-one
+        (end2end) output ``[B, k, 6]`` (``x1, y1, x2, y2, score, class``) is only thresholded."""
+        from torchvision.ops import batched_nms
+
+        pred = next(iter(outputs.values()))
+        shape = [int(d) for d in getattr(pred, "shape", ())]
+        end2end = len(shape) == 3 and shape[2] == 6 and shape[1] != 6
+        if len(shape) != 3 or (shape[1] < 5 and not end2end):
+            raise TrtQatError(f"the model's first output has shape {shape}, not an Ultralytics detector's "
+                              "[batch, 4 + classes, anchors]; evaluate a model exported with the ultralytics family")
+        pred = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).float()
+        if end2end:  # the one-to-one head: already boxes, score, class (top-k by score)
+            return [x[x[:, 4] > conf_thres][:max_det] for x in pred]
+        out = []
+        for x in pred.transpose(1, 2):
+            scores, cls = x[:, 4:].max(1)
+            keep = scores > conf_thres
+            x, scores, cls = x[keep], scores[keep], cls[keep]
+            if x.shape[0] > _MAX_NMS_INPUT:
+                top = scores.topk(_MAX_NMS_INPUT).indices
+                x, scores, cls = x[top], scores[top], cls[top]
+            boxes = xywh_to_xyxy(x[:, :4])
+            keep = batched_nms(boxes, scores, cls, iou_thres)[:max_det]  # sorted by descending score
+            out.append(torch.cat((boxes[keep], scores[keep, None], cls[keep, None].float()), 1))
+        return out
+
+    def float_layers(self, model) -> dict:
+        """The DFL integral conv (``model.<i>.dfl.conv``), when the head has one (``reg_max > 1``)."""
+        conv = getattr(_head(model).dfl, "conv", None)  # (the DFL is an Identity when reg_max == 1: YOLO26)
+        if conv is None:
+            return {}
+        name = next(n for n, m in model.named_modules() if m is conv)
+        return {name: "DFL integral: a fixed 1x1 conv with weights 0..reg_max-1 over a softmax (the expected box "
+                      "side); INT8 on the probabilities would round the small bins to zero and bias every box, for "
+                      "no speed gain (one output channel, no trained weights)"}
+
+
+def _hyperparameters(model):
+    """Ultralytics' default hyperparameters, overridden by the ones the model carries (its training args)."""
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+
+    args = getattr(model, "args", None)
+    given = dict(args) if isinstance(args, dict) else dict(vars(args)) if isinstance(args, SimpleNamespace) else {}
+    return IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **given})
