@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fixtures_cli import one_line_error
 from fixtures_data import tiny_digits_yaml  # noqa: F401  (pytest fixture)
 
 from trt_qat.__main__ import main
@@ -23,18 +24,6 @@ from trt_qat.errors import TrtQatError
 from trt_qat.fileio import output_lock, read_checkpoint, write_unit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line_error(capsys, argv) -> str:
-    """Run ``trt-qat argv``: exit code 2 and exactly one stderr line, no traceback; returns the line."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("trt_qat: error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def digest(path) -> str:

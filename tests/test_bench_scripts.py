@@ -49,3 +49,14 @@ def test_bench_scripts_refuse_cuda_without_a_gpu():
         pytest.skip("a CUDA GPU is present")
     with pytest.raises(SystemExit):
         bench_calib.main(["--device", "cuda"])
+
+
+def test_distill_ablation_table_from_a_report():
+    import distill_ablation
+
+    report = {"rows": [{"variant": "FP32", "backend": "torch", "map50": 0.9, "map50_95": 0.6},
+                       {"variant": "FP32", "backend": "onnxruntime-cpu", "map50": 0.9, "map50_95": 0.6},
+                       {"variant": "QAT label-free", "backend": "onnxruntime-cpu", "map50": 0.9, "map50_95": 0.59}]}
+    rows = distill_ablation.ablation_rows(report)
+    assert [r[0] for r in rows] == ["FP32", "QAT label-free"] and rows[1][3] == pytest.approx(-1.0)
+    assert "| QAT label-free | 0.9000 | 0.5900 | -1.00 |" in distill_ablation.format_table(rows)

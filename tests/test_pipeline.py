@@ -93,3 +93,25 @@ def test_pipeline_model_name_must_match_the_checkpoint(tmp_path, capsys, tiny_di
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds yolo-n, but model.name is yolo-s" in err[0], err
+
+
+def test_pipeline_with_distillation_variants(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = generate_digits_det(tmp_path / "data", n_train=16, n_val=8, n_calib=8, seed=1)
+    save_checkpoint(build_model("yolo-n"), tmp_path / "fp32.pt")
+    cfg = {
+        "model": {"checkpoint": str(tmp_path / "fp32.pt")},
+        "data": {"data": str(data), "batch_size": 8, "imgsz": 64},
+        "qat": {"epochs": 1, "max_steps_per_epoch": 2, "distill": {"mode": "both", "label_free": True}},
+        "run": {"name": "kd", "out_dir": "reports", "calib_methods": ["max"], "threads": 1},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_main(["--config", "cfg.yaml"]) == 0
+    report = json.loads((tmp_path / "reports" / "kd" / "report.json").read_text())
+    variants = {(r["variant"], r["backend"]) for r in report["rows"]}
+    for variant in ("QAT distill-both", "QAT label-free"):
+        assert {(variant, "torch"), (variant, "onnxruntime-cpu")} <= variants
+    distill = report["meta"]["summary"]["distill"]
+    assert distill["QAT label-free"]["best_epoch_by"].startswith("held-out distillation loss")
+    assert distill["QAT distill-both"]["best_epoch_by"] == "val mAP50-95"
+    assert (tmp_path / "reports" / "kd" / "artifacts" / "model_qat_label_free_qdq.onnx").is_file()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from trt_qat.errors import TrtQatError
 
-__all__ = ["QuantConfig", "CalibConfig", "QATConfig", "ExportConfig", "DataConfig", "ModelConfig", "RunConfig",
+__all__ = ["QuantConfig", "CalibConfig", "QATConfig", "DistillConfig", "ExportConfig",
+           "DataConfig", "ModelConfig", "RunConfig",
            "PipelineConfig", "load_pipeline_config", "from_dict"]
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
@@ -160,6 +161,46 @@ class CalibConfig:
         check_device(self.device)
 
 
+DISTILL_MODES = ("feature", "output", "both")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation QAT: the FP32 model teaches its quantized copy (:mod:`trt_qat.train.distill`).
+
+    Args:
+        mode (str | None): "feature", "output" or "both"; None turns distillation off. Defaults to None.
+        weight (float): the distillation term's weight next to the detection loss. Defaults to 1.0.
+        blocks (list[str] | None): module names for the feature loss. Defaults to every top-level block.
+        label_free (bool): the pipeline also runs label-free distillation QAT (no label is read). Defaults to False.
+        images (str | None): label-free images (a directory or .txt list). Defaults to the train split's images
+            (read as bare images: no label file is opened).
+        label_free_optimizer (str): the label-free run's optimizer. Defaults to "adamw" (yolov7_qat's recipe uses
+            Adam at about 1e-5).
+        label_free_lr (float): the label-free run's peak learning rate. Defaults to 3e-5.
+    """
+
+    mode: str | None = None
+    weight: float = 1.0
+    blocks: list | None = None
+    label_free: bool = False
+    images: str | None = None
+    label_free_optimizer: str = "adamw"
+    label_free_lr: float = 3e-5
+
+    def __post_init__(self):
+        _check(self.mode is None or self.mode in DISTILL_MODES,
+               f"qat.distill.mode '{self.mode}' unknown; use one of {', '.join(DISTILL_MODES)} or null")
+        _check(isinstance(self.weight, (int, float)) and math.isfinite(self.weight) and self.weight >= 0,
+               f"qat.distill.weight={self.weight!r} must be a finite number >= 0")
+        _check(self.blocks is None or (isinstance(self.blocks, list) and all(isinstance(b, str) for b in self.blocks)),
+               "qat.distill.blocks must be a list of module names or null")
+        _check(not self.label_free or self.mode is not None, "qat.distill.label_free needs qat.distill.mode set")
+        _check(self.label_free_optimizer in ("sgd", "adamw"),
+               f"qat.distill.label_free_optimizer '{self.label_free_optimizer}' unknown; use sgd or adamw")
+        check_lr(self.label_free_lr, "qat.distill.label_free_lr")
+
+
 @dataclass
 class QATConfig:
     """Quantization-aware fine-tuning.
@@ -176,6 +217,7 @@ class QATConfig:
         max_steps_per_epoch (int | None): cap steps per epoch. Defaults to None.
         grad_clip (float | None): Defaults to 10.0.
         device (str | None): Defaults to the model's device.
+        distill (DistillConfig): distillation from the FP32 model. Defaults to off.
     """
 
     epochs: int = 2
@@ -189,8 +231,11 @@ class QATConfig:
     max_steps_per_epoch: int | None = None
     grad_clip: float | None = 10.0
     device: str | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
+        if isinstance(self.distill, dict):
+            self.distill = from_dict(DistillConfig, self.distill, "qat.distill")
         _check(self.epochs >= 1, f"qat.epochs={self.epochs} must be >= 1")
         check_lr(self.lr, "qat.lr")
         _check(0 <= self.min_lr_ratio <= 1, "qat.min_lr_ratio must be in [0, 1]")

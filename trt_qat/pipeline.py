@@ -196,21 +196,28 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                  "size_mb": _state_size_mb(qmodel), "notes": f"from PTQ-{best_method}"})
     stages["qat_s"] = time.time() - t0
     qat_torch = r
+    t0 = time.time()
+    distilled = distill_variants(cfg, adapter, ptq_model, fp32, train, data_yaml, work, ev, rows, best_method)
+    if distilled:
+        stages["distill_qat_s"] = time.time() - t0
 
     # 4. export
     t0 = time.time()
-    onnx_fp32, onnx_ptq, onnx_qat = (
+    onnx_fp32, onnx_ptq, onnx_qat, *onnx_distilled = (
         export_onnx(model, sample, work / name, opset=cfg.export.opset, dynamic_batch=cfg.export.dynamic_batch,
                     input_names=adapter.input_names, output_names=adapter.output_names)
         for model, name in ((fp32, "model_fp32.onnx"), (ptq_model, "model_ptq_qdq.onnx"),
-                            (qmodel, "model_qat_qdq.onnx")))
+                            (qmodel, "model_qat_qdq.onnx"),
+                            *((m, f"model_{v.lower().replace(' ', '_').replace('-', '_')}_qdq.onnx")
+                              for v, m, _ in distilled)))
     stages["export_s"] = time.time() - t0
 
     # 5. ONNX Runtime
     t0 = time.time()
     ort_rows = {}
     for variant, path, prec in (("FP32", onnx_fp32, "fp32"), (f"PTQ-{best_method}", onnx_ptq, "int8 (Q/DQ)"),
-                                ("QAT", onnx_qat, "int8 (Q/DQ)")):
+                                ("QAT", onnx_qat, "int8 (Q/DQ)"),
+                                *((v, p, "int8 (Q/DQ)") for (v, _, _), p in zip(distilled, onnx_distilled))):
         with OnnxrtRunner(path, name=f"{variant} ort") as runner:
             r = ev(runner, f"{variant} ort")
         lat = _ort_latency(path, cfg.run.threads)
@@ -242,6 +249,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         "lint": lint_qat.stats if hasattr(lint_qat, "stats") else None,
         "qat_history": qat_result["history"],
     }
+    for variant, _, info in distilled:
+        summary.setdefault("distill", {})[variant] = {
+            **info, "ort_map50_95": ort_rows[variant]["map50_95"],
+            "ort_minus_fp32_pts": 100 * (ort_rows[variant]["map50_95"] - fp32_map)}
     meta = {"config": cfg.to_dict(), "versions": _versions(), "stage_seconds": stages, "summary": summary,
             "artifacts": {k: str(v) for k, v in (("onnx_fp32", onnx_fp32), ("onnx_ptq", onnx_ptq),
                                                  ("onnx_qat", onnx_qat), ("amax", calib_dir / "amax.pt"))},
@@ -256,6 +267,47 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     report = write_report(rows, out, meta=meta, title=f"trt_qat report: {cfg.run.name}", sections=sections,
                           images=images)
     return report
+
+
+def distill_variants(cfg: PipelineConfig, adapter, ptq_model, fp32, train, data_yaml, work, ev, rows,
+                     best_method: str) -> list:
+    """The distillation QAT runs ``qat.distill`` asks for, each from the best PTQ with the FP32 model as teacher:
+    with labels (the same steps and learning rate as plain QAT) and label-free (bare images, no label read; the best
+    epoch by the held-out distillation loss). Appends their PyTorch rows; returns ``[(variant, model, info)]``."""
+    from trt_qat.data.dataset import build_dataloader
+    from trt_qat.data.yolo import ImageFolder, load_data_yaml
+    from trt_qat.train.distill import held_out_distill_score, make_distill, split_held_out
+    from trt_qat.train.loop import run_fingerprint
+    from trt_qat.train.qat import finetune
+
+    d, bs, out = cfg.qat.distill, cfg.data.batch_size, []
+    if not d.mode:
+        return out
+    runs = [(f"QAT distill-{d.mode}", True)] + ([("QAT label-free", False)] if d.label_free else [])
+    for variant, labels in runs:
+        model = copy.deepcopy(ptq_model)
+        loss, teacher = make_distill(model, adapter, d, labels=labels, teacher_model=copy.deepcopy(fp32))
+        torch.manual_seed(cfg.run.seed)
+        if labels:
+            data, qcfg = train, cfg.qat
+            eval_fn, score = (lambda m, v=variant: ev(m, f"{v} (epoch) torch")["map50_95"]), "val mAP50-95"
+        else:
+            source = d.images or load_data_yaml(data_yaml, splits=[cfg.data.train_split])[cfg.data.train_split]
+            data, held = split_held_out(ImageFolder(source, imgsz=cfg.data.imgsz))
+            held_loader = build_dataloader(held, batch_size=bs)
+            qcfg = dataclasses.replace(cfg.qat, optimizer=d.label_free_optimizer, lr=d.label_free_lr)
+            eval_fn = lambda m, loss=loss, t=teacher, h=held_loader: held_out_distill_score(m, loss, t, h)  # noqa: E731
+            score = "held-out distillation loss (no labels)"
+        result = finetune(model, build_dataloader(data, batch_size=bs, shuffle=True, workers=cfg.data.workers),
+                          loss, config=qcfg, eval_fn=eval_fn, teacher=teacher, higher_is_better=labels,
+                          checkpoint_dir=work / variant.lower().replace(" ", "_"),
+                          fingerprint=run_fingerprint([cfg.to_dict(), best_method, variant], fp32))
+        r = ev(model, f"{variant} torch")
+        rows.append({"variant": variant, "backend": "torch", "precision": "int8 (fake-quant)", "batch": bs, **_m(r),
+                     "size_mb": _state_size_mb(model), "notes": f"from PTQ-{best_method}; best epoch by {score}"})
+        out.append((variant, model, {"best_epoch_by": score, "torch_map50_95": r["map50_95"],
+                                     "history": result["history"]}))
+    return out
 
 
 def _m(r: dict) -> dict:

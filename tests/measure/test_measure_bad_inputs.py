@@ -3,7 +3,6 @@ no output file written and no input changed; and the JSON they write is strict (
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from fixtures_cli import one_line_error
 from fixtures_onnx import make_qdq_convnet
 from onnx import TensorProto, helper
 
@@ -31,25 +31,6 @@ FAST = ["--warmUp", "1", "--duration", "0.01", "--iterations", "2"]
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
-def tree(*dirs) -> dict:
-    """``{path: sha256}`` of every file under ``dirs``: equal before and after = nothing written, nothing changed."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for d in dirs for p in sorted(Path(d).rglob("*")) if p.is_file()}
-
-
-def one_line_error(capsys, argv, *watched) -> str:
-    """Run ``trt-qat argv``: exit code 2, exactly one stderr line starting ``trt_qat: error:``, no traceback, and
-    no file under ``watched`` created or changed. Returns the line."""
-    before = tree(*watched)
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("trt_qat: error: ") and "Traceback" not in err
-    assert tree(*watched) == before
-    return lines[0]
 
 
 @contextlib.contextmanager

@@ -161,9 +161,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     return group
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val"):
+def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val", required: bool = True):
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=True, help="YOLO-format data.yaml (see `trt-qat make-data`)")
+    group.add_argument("--data", required=required, help="YOLO-format data.yaml (see `trt-qat make-data`)")
     group.add_argument("--split", default=default_split, help=f"split key in data.yaml. Default {default_split}")
     group.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size, a multiple of 32. Default 128")
     group.add_argument("--batch-size", type=positive_int, default=16)

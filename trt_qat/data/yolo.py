@@ -20,6 +20,7 @@ from trt_qat.fileio import atomic_write_text
 
 __all__ = [
     "YoloDataset",
+    "ImageFolder",
     "scan_split",
     "label_path_for",
     "load_data_yaml",
@@ -366,3 +367,27 @@ class YoloDataset(DetectionDataset):
 
     def _read_labels(self, image_path):
         return _parse_label_file(label_path_for(image_path), self.nc)
+
+
+class ImageFolder(DetectionDataset):
+    """Bare images, no labels: every image under ``source`` (a directory, searched recursively, or a ``.txt`` image
+    list), letterboxed to ``imgsz``. Nothing reads a label file; ``ds[i]`` has an empty ``labels`` tensor. For
+    label-free distillation QAT and calibration on deployment footage.
+
+    Args:
+        source (str | Path): a directory of images or a ``.txt`` list of image paths.
+        imgsz (int): Letterbox size. Defaults to 128.
+        max_images (int | None): Keep only the first N images (sorted by path). Defaults to None (all).
+
+    Raises:
+        TrtQatError: when ``source`` holds no readable image.
+    """
+
+    def __init__(self, source, imgsz=128, max_images=None):
+        super().__init__(imgsz=imgsz, augment=False)
+        self.nc, self.names = 0, []
+        where = str(source)
+        paths, _ = _collect_images(source)
+        if max_images is not None:
+            paths = paths[:max(int(max_images), 0)]
+        self._set_items(scan_split(paths, lambda _path: (np.zeros((0, 5), np.float32), []), where), where)

@@ -106,6 +106,11 @@ class ModelAdapter:
         """A ``loss_fn(model, batch) -> scalar`` for the training loop; ``model`` is in train mode."""
         raise TrtQatError(f"model family '{self.family}' has no training loss")
 
+    def distill_output_loss(self, student, teacher):
+        """A distillation loss between the student's and the teacher's raw (train-mode) head outputs, suited to what
+        they mean."""
+        raise TrtQatError(f"model family '{self.family}' has no output distillation; use --distill feature")
+
     def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
         """Detections per image from a runner's raw outputs (a name -> array mapping, in output order).
 

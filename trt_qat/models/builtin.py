@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from trt_qat.errors import TrtQatError
 from trt_qat.models.adapter import ModelAdapter, register_adapter
-from trt_qat.models.loss import detection_loss_fn
+from trt_qat.models.loss import detection_loss_fn, output_distill_loss
 from trt_qat.models.postprocess import non_max_suppression
 from trt_qat.models.yolo import build_model, model_from_cfg, model_from_checkpoint, save_checkpoint
 
@@ -42,6 +42,9 @@ class BuiltinAdapter(ModelAdapter):
 
     def num_classes(self, model) -> int | None:
         return (getattr(model, "cfg", None) or {}).get("nc")
+
+    def distill_output_loss(self, student, teacher):
+        return output_distill_loss(student, teacher)
 
     def loss_fn(self, model):
         return detection_loss_fn(model)

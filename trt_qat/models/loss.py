@@ -169,3 +169,20 @@ def detection_loss_fn(model: nn.Module, **loss_kwargs):
     loss_fn.criterion = criterion
     loss_fn.last_items = None
     return loss_fn
+
+
+def output_distill_loss(student, teacher) -> torch.Tensor:
+    """Distillation loss on the raw head outputs (train mode: per level ``[B, na, H, W, 5 + nc]`` logits), by what
+    each channel means: box centre and size as the decoded sigmoids (MSE), objectness as BCE against the
+    teacher's probability, and classes as BCE against the teacher's probabilities weighted by the teacher's
+    objectness (class scores only matter where there is an object). Averaged over the levels."""
+    terms = []
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
+        t_obj = t[..., 4].sigmoid()
+        box = nn.functional.mse_loss(s[..., :4].sigmoid(), t[..., :4].sigmoid())
+        obj = nn.functional.binary_cross_entropy_with_logits(s[..., 4], t_obj)
+        cls = nn.functional.binary_cross_entropy_with_logits(s[..., 5:], t[..., 5:].sigmoid(), reduction="none")
+        cls = (cls.mean(-1) * t_obj).sum() / t_obj.sum().clamp_min(1e-6)
+        terms.append(box + obj + cls)
+    return torch.stack(terms).mean()
