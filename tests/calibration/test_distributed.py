@@ -30,7 +30,7 @@ WORKER = textwrap.dedent('''
     from trt_qat.train.qat import finetune
 
     out = Path(sys.argv[1])
-    rank, world, _ = D.init_distributed()
+    rank, world, _ = D.init_distributed(backend="gloo")  # CPU tensors: gloo, also on a machine with GPUs
     assert world == 2 and D.is_distributed() and D.is_main_process() == (rank == 0)
     model, data = T.make_model(), T.make_data()
     shard = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
@@ -136,7 +136,8 @@ def test_torchrun_trt_qat_calibrate_and_qat_cli(tmp_path, tiny_digits_yaml):
     fp32 = save_checkpoint(build_model("yolo-n"), tmp_path / "fp32.pt")
     from trt_qat.cli.calibrate import main as calibrate_main
 
-    common = ["--checkpoint", str(fp32), "--data", str(tiny_digits_yaml), "--method", "percentile"]
+    # --device cpu: the test runs its 2 ranks on the CPU (gloo) whatever GPUs the machine has
+    common = ["--checkpoint", str(fp32), "--data", str(tiny_digits_yaml), "--method", "percentile", "--device", "cpu"]
     assert calibrate_main(common + ["--batch-size", "4", "--out", str(tmp_path / "calib1")]) == 0
     # two ranks with half the batch: their k-th batches together are the single process's k-th batch
     proc = _torchrun(["-m", "trt_qat", "calibrate"] + common + ["--batch-size", "2", "--out",
@@ -154,7 +155,7 @@ def test_torchrun_trt_qat_calibrate_and_qat_cli(tmp_path, tiny_digits_yaml):
     assert 'trt_qat/calibrate.py", line' not in proc.stderr  # (torchrun's own agent prints a traceback)
     proc = _torchrun(["-m", "trt_qat", "qat", "--checkpoint", str(tmp_path / "calib" / "quantized.pt"),
                       "--data", str(tiny_digits_yaml), "--epochs", "1", "--max-steps", "1", "--batch-size", "2",
-                      "--out", str(tmp_path / "qat")], cwd=repo)
+                      "--device", "cpu", "--out", str(tmp_path / "qat")], cwd=repo)
     assert proc.stdout.count("QAT done") == 1 and "(2 processes)" in proc.stdout
     assert (tmp_path / "qat" / "last.pt").is_file()
 

@@ -26,9 +26,17 @@ __all__ = ["HistogramMaxCalibrator", "amax_percentile", "amax_mse", "amax_entrop
 
 
 def _all_reduce_max(t: torch.Tensor, group):
+    """All-reduce ``t`` in place with MAX; a CPU tensor under an NCCL group (which reduces CUDA tensors only) goes
+    through this rank's GPU."""
     import torch.distributed as dist
 
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=None if group is True else group)
+    group = None if group is True else group
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+        t.copy_(buf)
+        return
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
 
 
 #: the last histogram counts as (weakref(input), input version, (width, length), counts); see _bin_counts
