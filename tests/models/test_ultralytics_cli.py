@@ -68,3 +68,21 @@ def test_calibrate_export_eval_lint(yolov8n_pt, tiny_digits_yaml, tmp_path, caps
     stats = json.loads(report.read_text())["stats"]
     assert stats["weighted_layers"] - stats["int8_layers"] == 1  # the DFL conv, in float on purpose
     capsys.readouterr()
+
+
+def test_c2f_residual_adds_are_quantized_at_the_chunked_conv():
+    """C2f cuts its bottlenecks' skip input out of cv1's output with ``chunk``: the rules quantize cv1's output,
+    so every backbone residual Add of YOLOv8n is quantized (only the head's two anchor Adds stay float)."""
+    import trt_qat
+    from trt_qat.models.adapter import get_adapter
+
+    adapter = get_adapter("ultralytics")
+    model = adapter.build("yolov8n.yaml", nc=10)
+    trt_qat.quantize(model, trt_qat.QuantConfig(skip=adapter.float_skip_patterns(model)),
+                     sample_input=adapter.sample_input(64))
+    report = model.trt_qat_rules_report
+    assert report.adds_quantized == 6
+    assert not [why for _, why in report.adds_left_alone if "chunk" in why]
+    # and building another model afterwards is not affected (the shared default activation was never touched)
+    fresh = adapter.build("yolov8n.yaml", nc=10)
+    assert not any("_trt_qat" in name for name, _ in fresh.named_modules())

@@ -74,8 +74,30 @@ def _head(model):
     return head
 
 
+def _unshare_activations(model):
+    """Give every module its own activation. Ultralytics' ``Conv.default_act`` is ONE ``nn.SiLU`` held by every
+    ``Conv`` of the process (a class attribute): quantizing it would change every model built afterwards, and a
+    quantizer attached to one module called from fifty places cannot tell its calls apart. The copies are stateless
+    leaves (no parameters, buffers or children), so they compute the same function."""
+    import copy
+
+    from ultralytics.nn.modules import Conv
+
+    seen = set()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            stateless = not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()) \
+                and not any(True for _ in child.children())
+            if stateless and (id(child) in seen or child is Conv.default_act):
+                setattr(module, name, copy.deepcopy(child))
+            seen.add(id(child))
+    return model
+
+
 def _export_mode(model):
-    """Set the Detect head the way Ultralytics' exporter does, so eval mode returns the decoded tensor alone."""
+    """Set the Detect head the way Ultralytics' exporter does, so eval mode returns the decoded tensor alone; give
+    every module its own activation (:func:`_unshare_activations`)."""
+    _unshare_activations(model)
     head = _head(model)
     head.export = True  # eval forward returns y, not (y, raw dict)
     head.format = "onnx"

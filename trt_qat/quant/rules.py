@@ -259,7 +259,15 @@ def _quantize_residual_adds(model, plan: _Plan, class_q: dict, skip_patterns, re
         if isinstance(prod_module, TensorQuantizer) and not prod_module._disabled:
             report.adds_quantized += 1  # the model quantizes the skip tensor itself (a TensorQuantizer in forward)
             continue
-        site = producer_site(rec, skip_v)
+        site, src = producer_site(rec, skip_v), skip_v
+        # a skip input cut out of a module's output by a data-movement op (C2f's ``cv1(x).chunk(2, 1)``): quantize
+        # that module's output instead; the slices then carry its scale (TensorRT moves the DQ across the split)
+        while site is None and prod is not None and plan.categories[prod] == "move" and rec.nodes[prod].inputs:
+            src = rec.nodes[prod].inputs[0]
+            prod = rec.values[src].producer
+            site = producer_site(rec, src)
+        if site is None:
+            prod = rec.values[skip_v].producer
         reason = _skip_pattern_hit(plan, site, skip_patterns)
         if reason is not None:
             report.adds_left_alone.append((_where(plan, node), reason))
@@ -272,14 +280,14 @@ def _quantize_residual_adds(model, plan: _Plan, class_q: dict, skip_patterns, re
             report.adds_left_alone.append((_where(plan, node), reason))
             LOG.warning("placement rules: residual add in %s left alone: %s", _where(plan, node), reason)
             continue
-        c = plan.uf.find(skip_v)
+        c = plan.uf.find(src)
         q = class_q.get(c)
         if q is None:
             q = TrtQuantizer(None, num_bits, num_bins, "input")
             class_q[c] = q
         module, call, pos = site
         sites[(id(module), call, pos)] = (module, call, pos, q)
-        quantized_values[skip_v] = q
+        quantized_values[src] = quantized_values[skip_v] = q
         report.adds_quantized += 1
     return sites, quantized_values
 
