@@ -181,10 +181,13 @@ def test_devices_other_than_cpu_and_cuda(fp32_ckpt, tiny_digits_yaml, tmp_path, 
 # --- one run per output; a killed run's leftovers ----------------------------------------------------------------
 def test_a_second_run_on_the_same_out_is_refused(fp32_ckpt, tiny_digits_yaml, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "o"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[2]); "
+                               "from trt_qat.fileio import output_lock; import time\n"
+                               "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+                               str(out), str(ROOT)], stdout=subprocess.PIPE, text=True)
     try:
-        out.mkdir()
-        (out / ".trt_qat.lock").write_text(f"{holder.pid}\n")
+        assert holder.stdout.readline().strip() == "held"
         line = one_line_error(capsys, ["calibrate", "--checkpoint", str(fp32_ckpt), "--data", str(tiny_digits_yaml),
                                        "--imgsz", "64", "--out", str(out)])
         assert f"PID {holder.pid}" in line and not (out / "quantized.pt").exists()
@@ -199,12 +202,13 @@ def test_a_stale_lock_is_taken_over_and_leftovers_removed(tmp_path):
     out = tmp_path / "o"
     (out / "qat").mkdir(parents=True)
     (out / ".trt_qat.lock").write_text(f"{dead.pid}\n")
-    (out / ".quantized.pt.abc123.tmp").write_bytes(b"x" * 1000)
-    (out / "qat" / ".last.pt.def456.tmp").write_bytes(b"x")
+    (out / ".quantized.pt.abc12_yz.tmp").write_bytes(b"x" * 1000)  # atomic_path's names: 8 random characters
+    (out / "qat" / ".last.pt.def45678.tmp").write_bytes(b"x")
+    (out / "notes.tmp").write_bytes(b"a user's file: not ours to remove")
     (out / "keep.pt").write_bytes(b"mine")
     with output_lock(out):
         assert (out / ".trt_qat.lock").read_text().strip() == str(os.getpid())
-    assert files(out) == ["keep.pt", "qat"]
+    assert files(out) == ["keep.pt", "notes.tmp", "qat"]
 
 
 def test_files_of_one_stage_are_one_unit(tmp_path):
@@ -252,3 +256,8 @@ def test_identical_runs_write_identical_bytes(fp32_ckpt, tiny_digits_yaml, tmp_p
                                              "qat/best.pt", "qat/last.pt", "m.onnx")}
 
     assert run("a") == run("b")
+
+
+def test_train_refuses_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "without torchrun" in one_line_error(capsys, ["train", "--data", "d.yaml"])

@@ -15,7 +15,7 @@ from trt_qat.errors import TrtQatError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_torch_save",
            "json_safe", "ensure_dir", "require_file", "read_checkpoint", "check_writable_file", "check_not_input",
-           "output_lock", "remove_stale_tmp", "write_unit", "pickle_globals", "check_pickle_globals"]
+           "output_lock", "remove_stale_tmp", "write_unit", "pickle_globals", "restricted_pickle"]
 
 
 def ensure_dir(path) -> Path:
@@ -168,28 +168,44 @@ def read_checkpoint(path, hint: str = "check the path or run the previous stage 
 LOCK_NAME = ".trt_qat.lock"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except OSError:
-        return False
-    return True
+#: the name :func:`atomic_path`'s temporary files have: ``.<file name>.<8 random characters>.tmp``
+_TMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
-def remove_stale_tmp(directory) -> int:
-    """Remove the ``.<name>.*.tmp`` files a killed run left in ``directory`` and below (call it holding the lock of
-    that directory, so no live writer owns them); returns how many were removed."""
+def remove_stale_tmp(directory, prefix: str = ".") -> int:
+    """Remove the temporary files (:func:`atomic_path`'s, named ``prefix...``) a killed run left in ``directory``
+    and its subdirectories; call it holding the lock of ``directory``. Hidden directories and subdirectories with
+    a lock of their own (another run's output) are not entered. Returns how many were removed."""
     removed = 0
-    for tmp in Path(directory).rglob(".*.tmp"):
-        if tmp.is_file():
+    for entry in Path(directory).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if not entry.name.startswith(".") and not (entry / LOCK_NAME).exists() and prefix == ".":
+                removed += remove_stale_tmp(entry)
+        elif entry.name.startswith(prefix) and _TMP_NAME.match(entry.name) and entry.is_file():
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                entry.unlink()
                 removed += 1
     return removed
+
+
+def _try_lock(lock: Path):
+    """An open descriptor holding an exclusive ``flock`` on ``lock``, or None when a live process holds it. The
+    kernel releases the lock when its process dies, however it dies: a stale lock file is simply taken."""
+    import fcntl
+
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:  # the holder we waited on may have removed the file: lock the file that is there now
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -197,10 +213,10 @@ def output_lock(target, is_dir: bool = True):
     """Hold ``target`` (an output directory, or with ``is_dir=False`` an output file, locked beside it) for this
     process.
 
-    A second trt_qat run on the same target is refused with one line naming the holder's PID; a lock whose PID is
-    dead (a killed run) is taken over, and that run's leftover temporary files are removed. A directory this call
-    created is removed again when the run leaves it empty (it was refused before writing). Under torchrun only rank 0
-    writes, so only rank 0 locks.
+    A second trt_qat run on the same target is refused with one line naming the holder's PID. The lock is an
+    ``flock``, which the kernel releases when its process dies: the next run takes it and removes the temporary
+    files the dead run left. A directory this call created is removed again when the run leaves it empty (it was
+    refused before writing). Under torchrun only rank 0 writes, so only rank 0 locks.
 
     Raises:
         TrtQatError: when another live process holds the target.
@@ -212,36 +228,24 @@ def output_lock(target, is_dir: bool = True):
     directory = target if is_dir else target.parent
     created = not directory.exists()
     ensure_dir(directory)
-    lock = directory / (LOCK_NAME if directory == target else f".{target.name}.lock")
-    while True:
+    lock = directory / (LOCK_NAME if is_dir else f".{target.name}.lock")
+    fd = _try_lock(lock)
+    if fd is None:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _pid_alive(pid):
-                raise TrtQatError(f"'{target}' is in use by another trt_qat run (PID {pid}); wait for it to finish, "
-                                  "or choose another output") from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        break
-    if directory == target:
-        remove_stale_tmp(directory)
-    else:
-        for tmp in directory.glob(f".{target.name}.*.tmp"):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            holder = lock.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise TrtQatError(f"'{target}' is in use by another trt_qat run (PID {holder}); wait for it to finish, or "
+                          "choose another output")
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        remove_stale_tmp(directory, "." if is_dir else f".{target.stem}.")
         yield target
     finally:
         with contextlib.suppress(OSError):
-            if lock.read_text().strip() == str(os.getpid()):
-                lock.unlink()
+            lock.unlink()
+        os.close(fd)
         if created:  # a run refused before it wrote anything leaves no empty directory behind
             with contextlib.suppress(OSError):
                 directory.rmdir()
@@ -303,23 +307,47 @@ def pickle_globals(path) -> list:
 SAFE_BUILTINS = frozenset({"set", "frozenset", "slice", "complex", "bytearray", "range"})
 
 
-def check_pickle_globals(path, allowed_modules) -> None:
-    """Refuse a pickle that names a global outside ``allowed_modules`` (top-level package names) and
-    :data:`SAFE_BUILTINS`, before it is unpickled: a model checkpoint has no business importing ``os.system``.
+def _global_allowed(module: str, name: str, packages) -> bool:
+    """Whether a pickle may resolve ``module.name`` (checked before the module is imported)."""
+    top = module.split(".")[0]
+    if top in ("builtins", "__builtin__"):
+        return name in SAFE_BUILTINS
+    if top == "_codecs":
+        return name == "encode"  # how protocol-2 pickles spell bytes
+    return top in packages or top in ("collections", "numpy", "pathlib", "datetime")
 
-    This narrows, and does not remove, the risk of unpickling (an allowed package can still be misused); foreign
-    checkpoints should still come from a source you trust.
+
+def _resolved_allowed(module: str, name: str, obj) -> bool:
+    """The second check, on the resolved object: classes (constructing one runs no code of the pickle's choosing
+    beyond the class's own), and the tensor and array rebuild functions; no other callable."""
+    if isinstance(obj, type):
+        return True
+    return (module.startswith("torch._utils") and name.startswith("_rebuild")) or \
+        (module.startswith("numpy") and name in ("_reconstruct", "scalar")) or module.split(".")[0] in (
+            "_codecs", "builtins", "__builtin__")
+
+
+def restricted_pickle(packages):
+    """A pickle module for ``torch.load(pickle_module=...)`` whose unpickler resolves only classes of ``packages``
+    (and torch, collections, numpy arrays, paths and dates) and the tensor rebuild functions: a pickle that names
+    ``os.system``, ``builtins.eval`` or any other function is refused when it is read, whatever opcode names it.
+
+    This narrows, and does not remove, the risk of unpickling: load foreign checkpoints only from a source you trust.
     """
-    allowed = set(allowed_modules)
-    bad = []
-    for item in pickle_globals(path):
-        module, _, name = item.partition(" ")
-        top = module.split(".")[0]
-        if top in ("builtins", "__builtin__"):
-            if name not in SAFE_BUILTINS:
-                bad.append(item.replace(" ", "."))
-        elif top not in allowed:
-            bad.append(item.replace(" ", "."))
-    if bad:
-        raise TrtQatError(f"checkpoint '{path}' would import {', '.join(bad[:3])} when loaded, which no model "
-                          "checkpoint needs; not loading it (re-save the model from a source you trust)")
+    import types
+
+    packages = frozenset(packages) | {"torch"}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if not _global_allowed(module, name, packages):
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model checkpoint")
+            obj = super().find_class(module, name)
+            if not _resolved_allowed(module, name, obj):
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model checkpoint")
+            return obj
+
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=load, __name__="trt_qat_restricted_pickle")

@@ -25,9 +25,13 @@ def yolov8n_pt(tmp_path_factory):
     return path
 
 
-def test_family_is_recognised_without_unpickling(yolov8n_pt, tmp_path):
+def test_family_is_recognised_without_unpickling_and_loaded_only_when_asked(yolov8n_pt, tmp_path):
+    from trt_qat.errors import TrtQatError
+
     assert family_of_pickle(yolov8n_pt) == "ultralytics"
-    model, adapter = load_fp32(yolov8n_pt)
+    with pytest.raises(TrtQatError, match="runs the code it holds.*--model-family ultralytics"):
+        load_fp32(yolov8n_pt)  # unpickling runs code: only on request
+    model, adapter = load_fp32(yolov8n_pt, "ultralytics")
     assert adapter.family == "ultralytics" and adapter.num_classes(model) == 10
     assert next(model.parameters()).dtype == torch.float32
 
@@ -45,18 +49,30 @@ def test_a_pickle_naming_os_system_is_refused_before_it_runs(tmp_path, capsys):
 
     evil = tmp_path / "evil.pt"
     torch.save({"model": Conv(3, 4), "x": Payload()}, evil)  # names ultralytics, so it looks like theirs
-    with pytest.raises(SystemExit) as exc:
-        main(["calibrate", "--checkpoint", str(evil), "--data", "d.yaml", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exc:  # even when the user asks for the family, the unpickler refuses it
+        main(["calibrate", "--checkpoint", str(evil), "--model-family", "ultralytics", "--data", "d.yaml",
+              "--out", str(tmp_path / "o")])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "would import" in err and "system" in err and "Traceback" not in err
+    assert "not allowed" in err and "system" in err and "Traceback" not in err
+    assert not marker.exists()
+    # an INST opcode naming os.system (which a scan of GLOBAL opcodes would miss) is refused the same way
+    import zipfile
+
+    inst = tmp_path / "inst.pt"
+    with zipfile.ZipFile(inst, "w") as zf:
+        zf.writestr("archive/data.pkl", b"(S'touch " + str(marker).encode() + b"'\nios\nsystem\n.")
+        zf.writestr("archive/version", "3\n")
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--checkpoint", str(inst), "--model-family", "ultralytics", "--data", "d.yaml",
+              "--out", str(tmp_path / "o")])
     assert not marker.exists()
 
 
 def test_calibrate_export_eval_lint(yolov8n_pt, tiny_digits_yaml, tmp_path, capsys):  # noqa: F811
     calib, onnx_path = tmp_path / "calib", tmp_path / "m.onnx"
-    assert main(["calibrate", "--checkpoint", str(yolov8n_pt), "--data", str(tiny_digits_yaml), "--imgsz", "64",
-                 "--out", str(calib)]) == 0
+    assert main(["calibrate", "--checkpoint", str(yolov8n_pt), "--model-family", "ultralytics", "--data",
+                 str(tiny_digits_yaml), "--imgsz", "64", "--out", str(calib)]) == 0
     assert main(["export", "--checkpoint", str(calib / "quantized.pt"), "--imgsz", "64", "-o", str(onnx_path)]) == 0
     for source in (["--onnx", str(onnx_path)], ["--checkpoint", str(calib / "quantized.pt")]):
         out = tmp_path / f"eval_{source[0][2:]}.json"

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from trt_qat.cli.args import ArgumentParser, cli_main, imgsz, learning_rate, non_negative_int, positive_int
+from trt_qat.errors import TrtQatError
 from trt_qat.fileio import check_not_input, output_lock
 from trt_qat.train.fp32 import train_fp32
 from trt_qat.train.loop import OPTIMIZERS
@@ -36,6 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None):
     args = _build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise TrtQatError("trt-qat train runs in one process (under torchrun every rank would train and write the "
+                          "same files); run it without torchrun")
     check_not_input(args.out, args.data, flag="--out")
     with output_lock(args.out, is_dir=False):
         train_fp32(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz,

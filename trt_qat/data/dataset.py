@@ -270,4 +270,7 @@ def build_dataloader(dataset, batch_size: int = 16, shuffle: bool = False, worke
     return torch.utils.data.DataLoader(
         dataset, batch_size=int(batch_size), shuffle=bool(shuffle) and sampler is None, sampler=sampler,
         num_workers=workers, collate_fn=collate_fn, drop_last=bool(drop_last),
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+        pin_memory=torch.cuda.is_available(),
+        # workers are started afresh each epoch, seeded from torch's RNG: the state last.pt saves (persistent workers
+        # would draw their seed once, and a resumed run would reseed them differently)
+        persistent_workers=False)

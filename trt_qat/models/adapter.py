@@ -22,7 +22,7 @@ import importlib
 from trt_qat.errors import TrtQatError
 
 __all__ = ["ModelAdapter", "register_adapter", "get_adapter", "adapter_for_checkpoint", "adapter_for_model",
-           "load_fp32", "family_of_pickle", "FAMILY_MODULES", "DEFAULT_FAMILY"]
+           "load_fp32", "family_of_pickle", "read_checkpoint_or_name_family", "FAMILY_MODULES", "DEFAULT_FAMILY"]
 
 #: family name -> the module that registers its adapter (imported lazily)
 FAMILY_MODULES = {"builtin": "trt_qat.models.builtin", "ultralytics": "trt_qat.models.ultralytics"}
@@ -207,25 +207,35 @@ def load_fp32(path, family: str | None = None):
 
     Args:
         path (str | Path): the checkpoint.
-        family (str | None): the model family. Defaults to the one the checkpoint names or is recognised as.
+        family (str | None): the model family, whose adapter then reads the file (for a pickled foreign format
+            this runs its code: the caller asked for it). Defaults to the family a trt_qat checkpoint names.
 
     Returns:
         tuple[nn.Module, ModelAdapter]: the model (eval mode) and its adapter.
     """
-    from trt_qat.fileio import read_checkpoint
-
     if family:
         adapter = get_adapter(family)
         return adapter.tag(adapter.load(path)[0]), adapter
-    try:
-        ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
-    except TrtQatError:
-        named = family_of_pickle(path)  # a family's own pickled format (an Ultralytics .pt)?
-        if named is None:
-            raise
-        return load_fp32(path, named)
+    ckpt = read_checkpoint_or_name_family(path)
     adapter = adapter_for_checkpoint(ckpt, family)
     return adapter.tag(adapter.from_checkpoint(ckpt, path)), adapter
+
+
+def read_checkpoint_or_name_family(path) -> dict:
+    """trt_qat's data-only read of ``path``; when it refuses a pickle that one model family writes (an Ultralytics
+    ``.pt``), the error names that family and the flag that loads it: unpickling runs code, so it happens only when
+    the user asks for it (``--model-family`` / ``model.family``)."""
+    from trt_qat.fileio import read_checkpoint
+
+    try:
+        return read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+    except TrtQatError:
+        named = family_of_pickle(path)
+        if named is None:
+            raise
+        raise TrtQatError(f"'{path}' is a {named} checkpoint, a pickle: loading it runs the code it holds; if you "
+                          f"trust its source, pass --model-family {named} (model.family: {named} in a run config)"
+                          ) from None
 
 
 def family_of_pickle(path) -> str | None:

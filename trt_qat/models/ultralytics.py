@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_torch_save, check_pickle_globals, require_file
+from trt_qat.fileio import atomic_torch_save, require_file, restricted_pickle
 from trt_qat.models.adapter import ModelAdapter, register_adapter
 from trt_qat.models.postprocess import xywh_to_xyxy
 
@@ -166,11 +166,17 @@ class UltralyticsAdapter(ModelAdapter):
     @staticmethod
     def _unpickle(path) -> dict:
         tasks = _tasks()
-        check_pickle_globals(path, ("ultralytics", "torch", "collections", "numpy", "_codecs", "pathlib",
-                                    "datetime"))
         try:
             with tasks.temporary_modules(modules=_LEGACY_MODULES, attributes=_LEGACY_ATTRIBUTES):
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)  # runs the pickle: see load()
+                # runs the pickle (see load()), through an unpickler that resolves only classes: no os.system & co.
+                ckpt = torch.load(path, map_location="cpu", weights_only=False,
+                                  pickle_module=restricted_pickle(("ultralytics",)))
+        except pickle.UnpicklingError as exc:
+            if "not allowed" not in str(exc):
+                raise TrtQatError(f"checkpoint '{path}' cannot be read (UnpicklingError); it is corrupt or not an "
+                                  "Ultralytics checkpoint: re-download or re-save it") from None
+            raise TrtQatError(f"checkpoint '{path}' was not loaded: {exc}; an Ultralytics checkpoint names only "
+                              "classes, so this one was not written by Ultralytics (or was tampered with)") from None
         except ModuleNotFoundError as exc:
             raise TrtQatError(f"checkpoint '{path}' needs module '{exc.name}', which is not installed; it was not "
                               "written by this ultralytics release: re-save it with the ultralytics it came from, "

@@ -9,7 +9,7 @@ from torch import nn
 from trt_qat.config import QuantConfig, from_dict
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_torch_save, read_checkpoint
-from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model, family_of_pickle, load_fp32
+from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model, read_checkpoint_or_name_family
 from trt_qat.quant.instrument import quantize
 from trt_qat.quant.quantizer import iter_quantizers
 
@@ -87,13 +87,7 @@ def load_model(path):
     Returns:
         tuple[nn.Module, dict, bool]: the model, the checkpoint dict, and whether the model is quantized.
     """
-    try:
-        ckpt = read_checkpoint(path)
-    except TrtQatError:  # not data only: a model family's own pickled format (an Ultralytics .pt)?
-        if family_of_pickle(path) is None:
-            raise
-        model, _ = load_fp32(path)
-        return model, {}, False
+    ckpt = read_checkpoint_or_name_family(path)
     if ckpt.get("format") == QUANT_FORMAT:
         model, _ = _quantized_from_checkpoint(ckpt, path)
         return model, ckpt, True

@@ -190,7 +190,8 @@ def split_held_out(dataset, every: int = 10):
 
     n = len(dataset)
     held = list(range(0, n, every)) or [0]
-    train = [i for i in range(n) if i not in set(held)] or held
+    held_set = set(held)
+    train = [i for i in range(n) if i not in held_set] or held
     return Subset(dataset, train), Subset(dataset, held)
 
 

@@ -150,6 +150,7 @@ class LoopState:
     history: list = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int | None = None
+    first_loss: float | None = None  # the run's first step loss: the divergence check's reference
 
 
 def run_fingerprint(settings, *models: nn.Module) -> str:
@@ -168,7 +169,7 @@ def run_fingerprint(settings, *models: nn.Module) -> str:
 def _steps_per_epoch(data, cap: int | None) -> int:
     steps = len(data) if hasattr(data, "__len__") else None
     if cap:
-        steps = min(steps or cap, cap)
+        steps = cap if steps is None else min(steps, cap)
     if not steps:
         raise TrtQatError("the training data is empty or has no length; pass a DataLoader with batches")
     return steps
@@ -194,7 +195,7 @@ def _set_rng_state(data, state: dict) -> None:
 
 
 def _resume(path: Path, loop: LoopState, fingerprint, data, what: str, hooks):
-    """Load ``path`` (``last``) into ``loop`` when it was written by the same run; returns the best state or None."""
+    """Load ``path`` (``last``) into ``loop`` when it was written by the same run; returns whether it did."""
     try:
         state = read_checkpoint(path)
     except TrtQatError as exc:
@@ -217,6 +218,7 @@ def _resume(path: Path, loop: LoopState, fingerprint, data, what: str, hooks):
     loop.step = loop.epoch * loop.steps_per_epoch
     loop.history = state.get("history", [])
     loop.best_score, loop.best_epoch = state.get("best_score"), state.get("best_epoch")
+    loop.first_loss = state.get("first_loss")
     for hook, hook_state in zip(hooks, state.get("hooks") or []):
         if hook_state is not None and hasattr(hook, "load_state_dict"):
             hook.load_state_dict(hook_state)
@@ -301,7 +303,7 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
     best_path = Path(best_path) if best_path else None
     best_state = None
     if last_path and resume and last_path.is_file() and _resume(last_path, loop, fingerprint, data, what, hooks):
-        if best_path and best_path.is_file() and loop.best_epoch is not None:
+        if restore_best and best_path and best_path.is_file() and loop.best_epoch is not None:
             best_state = read_checkpoint(best_path)["state_dict"]
 
     net = model
@@ -316,7 +318,6 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
             return True
         return score > loop.best_score if higher_is_better else score < loop.best_score
 
-    first_loss = None
     for epoch in range(loop.epoch, loop.epochs):
         loop.epoch = epoch
         net.train()
@@ -338,10 +339,11 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
                     group["lr"] = value
             loss = loss_fn(net, batch) if teacher is None else loss_fn(net, batch, teacher)
             value = float(loss.detach())
-            if first_loss is None:
-                first_loss = value
-            if not math.isfinite(value) or (diverge_factor and value > diverge_factor * max(abs(first_loss), 1e-6)):
-                raise TrtQatError(f"{what} diverged: the loss went from {first_loss:.4g} to {value:.4g} at epoch "
+            if loop.first_loss is None:
+                loop.first_loss = value
+            first = loop.first_loss
+            if not math.isfinite(value) or (diverge_factor and value > diverge_factor * max(abs(first), 1e-2)):
+                raise TrtQatError(f"{what} diverged: the loss went from {first:.4g} to {value:.4g} at epoch "
                                   f"{epoch + 1} step {i}; lower --lr (now {optimizer.param_groups[0]['initial_lr']:g}) "
                                   "or check the inputs")
             optimizer.zero_grad(set_to_none=True)
@@ -384,6 +386,7 @@ def fit(model: nn.Module, data, loss_fn, optimizer, *, epochs: int, lr_at, steps
                 "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "history": [{k: v for k, v in r.items() if k != "seconds"} for r in loop.history],
                 "best_score": loop.best_score, "best_epoch": loop.best_epoch, "fingerprint": fingerprint,
+                "first_loss": loop.first_loss,
                 "rng": _rng_state(data),
                 "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks]})
     dist.barrier()  # the main process's checkpoints are on disk before any process goes on
