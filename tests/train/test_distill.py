@@ -87,7 +87,7 @@ def test_with_labels_the_task_loss_is_mixed_in():
                                  teacher_model=copy.deepcopy(fp32))
     total = loss(_train_frozen_bn(q), _batch(), teacher)
     task, distill = loss.last_items.tolist()
-    assert float(total) == pytest.approx(task + 0.5 * distill * 2, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(task + 0.5 * distill * 2, rel=1e-5)
 
 
 def test_a_quantized_or_mismatched_teacher_is_refused():
