@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["non_max_suppression", "xywh_to_xyxy"]
+__all__ = ["non_max_suppression", "class_aware_nms", "xywh_to_xyxy"]
 
 _MAX_NMS_INPUT = 30000  # boxes kept (by score) before NMS
 _MIN_WH = 2.0           # boxes thinner than this many pixels are dropped
@@ -34,7 +34,6 @@ def non_max_suppression(pred, conf_thres: float = 0.001, iou_thres: float = 0.6,
         list[Tensor]: per image a float32 ``[n, 6]`` tensor ``(x1, y1, x2, y2, score, cls)`` on the input's
         device (CPU for numpy input), sorted by descending score.
     """
-    from torchvision.ops import batched_nms
 
     if isinstance(pred, np.ndarray):
         pred = torch.from_numpy(pred)
@@ -53,10 +52,18 @@ def non_max_suppression(pred, conf_thres: float = 0.001, iou_thres: float = 0.6,
         if x.shape[0] == 0:
             out.append(torch.zeros((0, 6), device=pred.device))
             continue
-        if x.shape[0] > _MAX_NMS_INPUT:
-            top = scores.topk(_MAX_NMS_INPUT).indices
-            x, scores, cls = x[top], scores[top], cls[top]
-        boxes = xywh_to_xyxy(x[:, :4])
-        keep = batched_nms(boxes, scores, cls, iou_thres)[:max_det]   # sorted by descending score
-        out.append(torch.cat((boxes[keep], scores[keep, None], cls[keep, None].float()), 1))
+        out.append(class_aware_nms(x[:, :4], scores, cls, iou_thres, max_det))
     return out
+
+
+def class_aware_nms(xywh, scores, cls, iou_thres: float, max_det: int):
+    """``[n, 6]`` rows (x1, y1, x2, y2, score, class) kept by torchvision's class-aware NMS, best first, at most
+    ``max_det``; only the :data:`_MAX_NMS_INPUT` best candidates enter it."""
+    from torchvision.ops import batched_nms
+
+    if xywh.shape[0] > _MAX_NMS_INPUT:
+        top = scores.topk(_MAX_NMS_INPUT).indices
+        xywh, scores, cls = xywh[top], scores[top], cls[top]
+    boxes = xywh_to_xyxy(xywh)
+    keep = batched_nms(boxes, scores, cls, iou_thres)[:max_det]   # sorted by descending score
+    return torch.cat((boxes[keep], scores[keep, None], cls[keep, None].float()), 1)

@@ -27,11 +27,10 @@ import torch
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_torch_save, require_file, restricted_pickle
 from trt_qat.models.adapter import ModelAdapter, register_adapter
-from trt_qat.models.postprocess import xywh_to_xyxy
+from trt_qat.models.postprocess import class_aware_nms
 
 __all__ = ["UltralyticsAdapter"]
 
-_MAX_NMS_INPUT = 30000  # boxes kept (by score) before NMS
 _PLAIN = (str, int, float, bool, type(None))
 # pickled module paths and class names of older Ultralytics releases -> their current homes (read from ultralytics)
 _LEGACY_MODULES = {"ultralytics.yolo.utils": "ultralytics.utils", "ultralytics.yolo.v8": "ultralytics.models.yolo",
@@ -306,7 +305,6 @@ class UltralyticsAdapter(ModelAdapter):
     def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
         """Single-label, class-aware NMS (``torchvision.ops.batched_nms``) on ``[B, 4 + nc, N]``; a one-to-one
         (end2end) output ``[B, k, 6]`` (``x1, y1, x2, y2, score, class``) is only thresholded."""
-        from torchvision.ops import batched_nms
 
         pred = next(iter(outputs.values()))
         shape = [int(d) for d in getattr(pred, "shape", ())]
@@ -321,13 +319,7 @@ class UltralyticsAdapter(ModelAdapter):
         for x in pred.transpose(1, 2):
             scores, cls = x[:, 4:].max(1)
             keep = scores > conf_thres
-            x, scores, cls = x[keep], scores[keep], cls[keep]
-            if x.shape[0] > _MAX_NMS_INPUT:
-                top = scores.topk(_MAX_NMS_INPUT).indices
-                x, scores, cls = x[top], scores[top], cls[top]
-            boxes = xywh_to_xyxy(x[:, :4])
-            keep = batched_nms(boxes, scores, cls, iou_thres)[:max_det]  # sorted by descending score
-            out.append(torch.cat((boxes[keep], scores[keep, None], cls[keep, None].float()), 1))
+            out.append(class_aware_nms(x[keep, :4], scores[keep], cls[keep], iou_thres, max_det))
         return out
 
     def float_layers(self, model) -> dict:
