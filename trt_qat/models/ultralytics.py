@@ -149,8 +149,10 @@ class UltralyticsAdapter(ModelAdapter):
         """``(model, checkpoint dict)`` of a checkpoint written by trt_qat (data only) or by Ultralytics.
 
         A trt_qat-written file is read with ``torch.load(weights_only=True)``. An Ultralytics ``.pt`` holds pickled
-        modules, so it is read with ``weights_only=False``: unpickling it runs the code the pickle names, as every
-        pickle does, so load only files from a source you trust. The model comes back in FP32 and eval mode.
+        modules, so it is unpickled, through :func:`trt_qat.fileio.restricted_pickle` (classes only: a pickle naming
+        ``os.system`` or any other function is refused). Constructing those classes still runs their code, as every
+        pickle does, so load only files from a source you trust; :func:`trt_qat.models.adapter.load_fp32` calls this
+        only when the user names the family. The model comes back in FP32 and eval mode.
         """
         path = require_file(path, "checkpoint", "check the path")
         try:
