@@ -14,9 +14,10 @@ BUILTIN_MODULES = {"trt_qat.models.yolo", "trt_qat.models.loss", "trt_qat.models
                    "trt_qat.models.builtin"}
 MAX_LINES = 450
 #: bottom to top, as README's layout section lists them: a module imports only from its own layer and lower ones
-LAYERS = [("trt_qat.errors", "trt_qat.config", "trt_qat.fileio", "trt_qat.dist"), ("trt_qat.data",),
-          ("trt_qat.models",), ("trt_qat.quant",), ("trt_qat.calibration",), ("trt_qat.onnx",), ("trt_qat.trt",),
-          ("trt_qat.runners",), ("trt_qat.measure",), ("trt_qat.analysis",), ("trt_qat.train",),
+LAYERS = [("trt_qat.errors", "trt_qat.config", "trt_qat.config_variants", "trt_qat.fileio", "trt_qat.dist"),
+          ("trt_qat.data",), ("trt_qat.models",), ("trt_qat.quant",), ("trt_qat.calibration",), ("trt_qat.onnx",),
+          ("trt_qat.trt",), ("trt_qat.runners",), ("trt_qat.measure",), ("trt_qat.analysis",), ("trt_qat.train",),
+          ("trt_qat.prune",),
           ("trt_qat.report",), ("trt_qat.pipeline",), ("trt_qat.cli", "trt_qat.__main__", "trt_qat.build_engine",
                                                         "trt_qat.benchmark")]
 

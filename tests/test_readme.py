@@ -22,3 +22,9 @@ def test_a_changed_figure_is_caught(tmp_path):
     readme.write_text((ROOT / "README.md").read_text().replace("0.5872", "0.5850"))
     assert _tool().main(["--check", "--readme", str(readme),
                          "--report", str(ROOT / "tests" / "fixtures" / "demo_report.json")]) == 1
+
+
+def test_readme_yolov8n_results_match_the_saved_second_demo_report():
+    """The second demo's block (`make demo-yolov8n`), against a copy of that run's report.json."""
+    assert _tool().main(["--check", "--block", "yolov8n-digits",
+                         "--report", str(ROOT / "tests" / "fixtures" / "yolov8n_digits_report.json")]) == 0

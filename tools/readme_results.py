@@ -4,7 +4,8 @@
     python tools/readme_results.py --check   # exit 1 (with a diff) when README's block differs from report.json
     python tools/readme_results.py --write   # rewrite the block between the markers from report.json
 
-The block sits between ``<!-- demo-results:start -->`` and ``<!-- demo-results:end -->`` in README.md.
+The block sits between ``<!-- demo-results:start -->`` and ``<!-- demo-results:end -->`` in README.md. The second
+demo's block (``make demo-yolov8n``) is ``--block yolov8n-digits --report reports/yolov8n-digits/report.json``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+
+def markers(block: str = "demo") -> tuple:
+    """The start and end markers of README's results block ``block``."""
+    return f"<!-- {block}-results:start -->", f"<!-- {block}-results:end -->"
+
+
 BACKENDS = {"torch": "PyTorch", "onnxruntime-cpu": "ONNX Runtime CPU"}
 
 
@@ -56,15 +62,20 @@ def results_block(report: dict) -> str:
             f"- `trt-qat lint` on the QAT Q/DQ ONNX: {lint['int8_layers']} of {lint['weighted_layers']} convolutions "
             f"INT8 ({100 * lint['int8_coverage']:.0f}% of MACs), {lint['scale_mismatches']} scale mismatches, "
             f"{lint['requantize_chains']} requantize chains, {lint['reformat_sites']} predicted reformat sites."]
+    if lint.get("skipped_float_layers"):
+        out[-1] = out[-1][:-1] + (f"; {lint['skipped_float_layers']} layer(s) kept in float on purpose by the model "
+                                  f"family ({', '.join(f['node'] for f in lint['float_layers'] if f.get('skipped'))}), "
+                                  f"{100 * lint['int8_coverage_excluding_skipped']:.0f}% of the other MACs INT8.")
     return "\n".join(out)
 
 
-def split_readme(text: str) -> tuple:
-    """``(before, block, after)`` of README text around the markers."""
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    before, rest = text.split(START, 1)
-    block, after = rest.split(END, 1)
+def split_readme(text: str, block: str = "demo") -> tuple:
+    """``(before, block, after)`` of README text around the markers of ``block``."""
+    start, end = markers(block)
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    before, rest = text.split(start, 1)
+    block, after = rest.split(end, 1)
     return before, block.strip("\n"), after
 
 
@@ -72,6 +83,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", default=str(ROOT / "reports" / "demo" / "report.json"))
     parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--block", default="demo", help="which results block (demo, yolov8n-digits)")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true")
     mode.add_argument("--write", action="store_true")
@@ -81,9 +93,10 @@ def main(argv=None) -> int:
         print(f"{report_path} does not exist; run `make demo` first", file=sys.stderr)
         return 2
     want = results_block(json.loads(report_path.read_text(encoding="utf-8")))
-    before, have, after = split_readme(readme.read_text(encoding="utf-8"))
+    before, have, after = split_readme(readme.read_text(encoding="utf-8"), args.block)
+    start, end = markers(args.block)
     if args.write:
-        readme.write_text(f"{before}{START}\n{want}\n{END}{after}", encoding="utf-8")
+        readme.write_text(f"{before}{start}\n{want}\n{end}{after}", encoding="utf-8")
         return 0
     if have == want:
         print(f"README results match {report_path}")

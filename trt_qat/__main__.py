@@ -12,6 +12,10 @@ COMMANDS = {
     "quantize": ("trt_qat.cli.calibrate", "alias of calibrate: instrument + calibrate an FP32 checkpoint"),
     "calibrate": ("trt_qat.cli.calibrate", "instrument an FP32 checkpoint and calibrate it (PTQ)"),
     "qat": ("trt_qat.cli.qat", "quantization-aware fine-tuning of a calibrated checkpoint"),
+    "prune": ("trt_qat.cli.prune", "structured channel pruning of an FP32 checkpoint (Torch-Pruning)"),
+    "finetune-pruned": ("trt_qat.cli.finetune_pruned", "fine-tune a pruned or 2:4 checkpoint (distils from the "
+                        "unpruned one)"),
+    "sparsify": ("trt_qat.cli.sparsify", "2:4 sparsity on the large convs, optionally fine-tuned with the masks"),
     "export": ("trt_qat.cli.export", "export a checkpoint to ONNX (Q/DQ for quantized models)"),
     "eval": ("trt_qat.cli.eval", "COCO mAP of a checkpoint or ONNX (PyTorch or ONNX Runtime)"),
     "lint": ("trt_qat.cli.lint", "check Q/DQ placement of any ONNX for TensorRT"),

@@ -12,10 +12,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trt_qat.config_variants import PruneConfig, SparsityConfig
 from trt_qat.errors import TrtQatError
 
 __all__ = ["QuantConfig", "CalibConfig", "QATConfig", "DistillConfig", "ExportConfig",
-           "DataConfig", "ModelConfig", "RunConfig",
+           "DataConfig", "ModelConfig", "RunConfig", "PruneConfig", "SparsityConfig",
            "PipelineConfig", "load_pipeline_config", "from_dict"]
 
 CALIB_METHODS = ("max", "percentile", "mse", "entropy")
@@ -330,9 +331,15 @@ class PipelineConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for key in ("prune", "sparsity"):  # (off by default: left out, so runs without them keep their fingerprint)
+            if d[key] == dataclasses.asdict(type(getattr(self, key))()):
+                del d[key]
+        return d
 
 
 def _typed(value, annotation: str, key: str):

@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -205,7 +204,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     t0 = time.time()
     onnx_fp32, onnx_ptq, onnx_qat, *onnx_distilled = (
         export_onnx(model, sample, work / name, opset=cfg.export.opset, dynamic_batch=cfg.export.dynamic_batch,
-                    input_names=adapter.input_names, output_names=adapter.output_names)
+                    input_names=adapter.input_names, output_names=adapter.output_names,
+                    float_layers=adapter.float_layers(fp32) if model is not fp32 else None)
         for model, name in ((fp32, "model_fp32.onnx"), (ptq_model, "model_ptq_qdq.onnx"),
                             (qmodel, "model_qat_qdq.onnx"),
                             *((m, f"model_{v.lower().replace(' ', '_').replace('-', '_')}_qdq.onnx")
@@ -229,11 +229,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     agreement["map50_95_ort"] = ort_rows["QAT"]["map50_95"]
     agreement["map50_95_diff_pts"] = 100 * abs(qat_torch["map50_95"] - ort_rows["QAT"]["map50_95"])
     stages["ort_s"] = time.time() - t0
+    variants = _prune_sparsity(cfg, adapter, fp32, data_yaml, calib_ds, train, work, ev, best_method, rows,
+                               {**next(r for r in rows if r["variant"] == "FP32" and r["backend"] != "torch"),
+                                "onnx": onnx_fp32}, stages, sections)
 
     # lint the Q/DQ graphs
-    # layers kept in float on purpose count as deliberate in the coverage (ONNX node names are /<module path>/...)
-    lint_qat = lint_onnx(onnx_qat, skip_nodes=[f"^/{re.escape(name.replace('.', '/'))}/"
-                                               for name in adapter.float_layers(fp32)])
+    # layers kept in float on purpose count as deliberate in the coverage (the export declares them in the ONNX)
+    lint_qat = lint_onnx(onnx_qat)
     lint_text = lint_qat.format_table() if hasattr(lint_qat, "format_table") else str(lint_qat)
     stages["total_s"] = time.time() - t_start
 
@@ -246,13 +248,15 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         "qat_ort_minus_fp32_pts": 100 * (ort_rows["QAT"]["map50_95"] - fp32_map),
         "qat_minus_best_ptq_pts": 100 * (ort_rows["QAT"]["map50_95"] - ptq[best_method]["map50_95"]),
         "torch_vs_ort": agreement,
-        "lint": lint_qat.stats if hasattr(lint_qat, "stats") else None,
+        "lint": _without_layers(lint_qat.stats) if hasattr(lint_qat, "stats") else None,
         "qat_history": qat_result["history"],
     }
     for variant, _, info in distilled:
         summary.setdefault("distill", {})[variant] = {
             **info, "ort_map50_95": ort_rows[variant]["map50_95"],
             "ort_minus_fp32_pts": 100 * (ort_rows[variant]["map50_95"] - fp32_map)}
+    if variants:
+        summary["prune_sparsity"] = variants["summary"]
     meta = {"config": cfg.to_dict(), "versions": _versions(), "stage_seconds": stages, "summary": summary,
             "artifacts": {k: str(v) for k, v in (("onnx_fp32", onnx_fp32), ("onnx_ptq", onnx_ptq),
                                                  ("onnx_qat", onnx_qat), ("amax", calib_dir / "amax.pt"))},
@@ -307,6 +311,31 @@ def distill_variants(cfg: PipelineConfig, adapter, ptq_model, fp32, train, data_
                      "size_mb": _state_size_mb(model), "notes": f"from PTQ-{best_method}; best epoch by {score}"})
         out.append((variant, model, {"best_epoch_by": score, "torch_map50_95": r["map50_95"],
                                      "history": result["history"]}))
+    return out
+
+
+def _prune_sparsity(cfg, adapter, fp32, data_yaml, calib_ds, train, work, ev, best_method, rows, baseline, stages,
+                    sections):
+    """The ``prune:`` / ``sparsity:`` variants (:mod:`trt_qat.prune.variants`) when the config enables them: their
+    rows and report section are appended; returns their result, or None (the default: nothing runs)."""
+    from trt_qat.prune.variants import run_variants, variant_plans
+
+    if not variant_plans(cfg):
+        return None
+    t0 = time.time()
+    result = run_variants(cfg, adapter, fp32, data_yaml, calib_ds, train, work, ev, _ort_latency, best_method,
+                          baseline)
+    rows.extend(result["rows"])
+    sections.append(result["section"])
+    stages["prune_sparsity_s"] = time.time() - t0
+    return result
+
+
+def _without_layers(stats: dict) -> dict:
+    """Lint statistics without the per-conv 2:4 list (it is in the lint table when some conv holds 2:4)."""
+    out = dict(stats)
+    if isinstance(out.get("sparsity"), dict):
+        out["sparsity"] = {k: v for k, v in out["sparsity"].items() if k != "layers"}
     return out
 
 

@@ -312,8 +312,12 @@ def test_cli_reports_one_line(tmp_path, capsys, problem, message):
         (tmp_path / "labels" / "val" / "a.txt").mkdir()
     else:
         Image.fromarray(SIXTEEN.astype(np.float32)).save(tmp_path / "images" / "val" / "b.tif")
-    with pytest.raises(SystemExit) as exc:  # the dataset is read before the checkpoint
-        dispatch(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(data)])
+    from trt_qat.models.adapter import get_adapter
+
+    adapter = get_adapter()
+    adapter.save(adapter.build("yolo-n", nc=1), tmp_path / "w.pt")
+    with pytest.raises(SystemExit) as exc:
+        dispatch(["eval", "--checkpoint", str(tmp_path / "w.pt"), "--data", str(data), "--imgsz", "64"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("trt_qat: error:")]

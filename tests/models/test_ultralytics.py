@@ -195,3 +195,100 @@ def test_import_never_loads_ultralytics_and_missing_package_is_one_line():
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("ERROR")]
     assert len(lines) == 1 and "pip install trt-qat[ultralytics]" in lines[0]
+
+
+@pytest.mark.parametrize("cfg, task", [("yolov8n-seg.yaml", "instance segmentation"), ("yolov8n-pose.yaml", "pose"),
+                                       ("yolov8n-obb.yaml", "oriented boxes"), ("yolov8n-cls.yaml", "classification"),
+                                       ("rtdetr-l.yaml", "RT-DETR")])
+def test_other_tasks_are_refused_saying_what_was_found(cfg, task, tmp_path, capsys):
+    """A segment/pose/OBB/classify/RT-DETR .pt, written by Ultralytics itself: one line naming the task found and
+    what is supported, exit 2, nothing written."""
+    from ultralytics import RTDETR, YOLO
+
+    from trt_qat.__main__ import main
+
+    (RTDETR if cfg.startswith("rtdetr") else YOLO)(cfg).save(str(tmp_path / "m.pt"))
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--checkpoint", str(tmp_path / "m.pt"), "--model-family", "ultralytics", "--data", "d.yaml",
+              "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert task in err[0] and "supports detection models" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pt_saved_after_fuse_is_refused_with_the_reason(tmp_path):
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov8n.yaml")
+    yolo.model.fuse(verbose=False)  # what predict() does before a YOLO(...).save()
+    yolo.save(str(tmp_path / "fused.pt"))
+    with pytest.raises(TrtQatError, match="fused by predict.. or fuse..; .*best.pt"):
+        load_fp32(tmp_path / "fused.pt", "ultralytics")
+
+
+def test_a_fused_model_rebuilds_from_its_architecture(adapter):
+    """A model fused in memory (BN folded, passed to the API) is described as fused and rebuilt the same way."""
+    fused = adapter.build("yolov8n.yaml", nc=NC).eval()
+    fused.fuse(verbose=False)
+    arch = adapter.architecture(fused)
+    assert arch["fused"] is True and adapter.architecture(adapter.build("yolov8n.yaml", nc=NC))["fused"] is False
+    again = adapter.from_architecture(arch).eval()
+    again.load_state_dict(fused.state_dict())
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        assert torch.equal(again(x), fused(x))
+
+
+def test_image_size_comes_from_the_checkpoint_and_must_fit_the_stride(adapter, model, tmp_path):
+    from trt_qat.models.adapter import checkpoint_imgsz
+
+    assert checkpoint_imgsz({"train_args": {"imgsz": 640}}) == 640
+    assert checkpoint_imgsz({"train_args": {"imgsz": [480, 640]}}) == 640
+    assert checkpoint_imgsz({"imgsz": 96, "train_args": {"imgsz": 640}}) == 96  # (calibrated at 96)
+    assert checkpoint_imgsz({"train_args": {}}) is None and checkpoint_imgsz({"imgsz": True}) is None
+    adapter.save(model, tmp_path / "m.pt", train_args={"imgsz": 96})
+    loaded, _ = load_fp32(tmp_path / "m.pt")
+    assert loaded.trt_qat_imgsz == 96
+    assert adapter.max_stride(loaded) == 32 and adapter.check_imgsz(loaded, 96) == 96
+    with pytest.raises(TrtQatError, match="not a multiple of 32, the model's largest stride; use 96 or 128"):
+        adapter.check_imgsz(loaded, 112)
+
+
+def test_e2e_loss_gains_follow_the_training_progress(adapter):
+    """YOLO26's E2ELoss: QAT of a trained model uses the gains Ultralytics' schedule ends with; training from
+    scratch starts at the initial ones and decays them epoch by epoch (TrainingProgress hook)."""
+    from types import SimpleNamespace
+
+    from trt_qat.train.fp32 import TrainingProgress
+
+    net = adapter.build("yolo26n.yaml", nc=NC).train()
+    loss_fn = adapter.loss_fn(net)
+    batch = (torch.rand(2, 3, IMGSZ, IMGSZ), TARGETS)
+    assert torch.isfinite(loss_fn(net, batch))
+    assert type(loss_fn.criterion).__name__ == "E2ELoss"
+    assert loss_fn.criterion.o2m == pytest.approx(0.1) and loss_fn.criterion.o2o == pytest.approx(0.9)
+    hook = TrainingProgress(loss_fn)
+    for epoch, o2m in ((0, 0.8), (2, 0.45), (4, 0.1)):
+        hook.on_epoch_start(SimpleNamespace(epoch=epoch, epochs=5))
+        loss_fn(net, batch)
+        assert loss_fn.criterion.o2m == pytest.approx(o2m)
+
+
+def test_data_yaml_whose_classes_disagree_with_the_checkpoint_is_refused(adapter, tmp_path):
+    from fixtures_data import make_tiny_digits
+
+    class Factory:  # (make_tiny_digits takes a tmp_path_factory)
+        @staticmethod
+        def mktemp(name):
+            return tmp_path / name
+
+    data = make_tiny_digits(Factory)
+    dataset = adapter.dataset(data, "val", imgsz=IMGSZ)
+    named = adapter.build("yolov8n.yaml", nc=NC)
+    named.names = {i: "abcdefghij"[i] for i in range(NC)}
+    with pytest.raises(TrtQatError, match="names class 0 '0' but the model calls it 'a'"):
+        adapter.check_dataset(named, dataset, "--data x")
+    with pytest.raises(TrtQatError, match="nc=10 classes but the model predicts 3"):
+        adapter.check_dataset(adapter.build("yolov8n.yaml", nc=3), dataset, "--data x")
+    adapter.check_dataset(adapter.build("yolov8n.yaml", nc=NC), dataset, "--data x")  # placeholder names: no check

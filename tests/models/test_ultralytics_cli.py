@@ -102,3 +102,49 @@ def test_c2f_residual_adds_are_quantized_at_the_chunked_conv():
     # and building another model afterwards is not affected (the shared default activation was never touched)
     fresh = adapter.build("yolov8n.yaml", nc=10)
     assert not any("_trt_qat" in name for name, _ in fresh.named_modules())
+
+
+def _readme_commands() -> list:
+    """The command lines of README's "Your Ultralytics or YOLOv5 model" block, as argument lists."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- ultralytics-commands:start -->")[1].split("<!-- ultralytics-commands:end -->")[0]
+    lines = [line for line in block.splitlines() if line.startswith("python -m trt_qat ")]
+    return [shlex.split(line)[3:] for line in lines]  # (after `python -m trt_qat`)
+
+
+def test_readme_commands_on_a_pt_written_by_yolo_save(tiny_digits_yaml, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """README's Ultralytics commands, as written, on a .pt that ``YOLO(...).save()`` wrote: calibrate -> qat ->
+    export -> eval --onnx -> lint. The only changes: the tiny dataset, and QAT capped at 2 steps."""
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = yaml_model_load("yolov8n.yaml")
+    cfg["nc"] = 10
+    (tmp_path / "yolov8n-10.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "yaml_file"}))
+    torch.manual_seed(0)
+    model = YOLO(str(tmp_path / "yolov8n-10.yaml"))
+    model.model.names = {i: str(i) for i in range(10)}
+    model.ckpt = {"train_args": {"imgsz": 64}}  # what Ultralytics training leaves in a .pt: its image size
+    model.save(str(tmp_path / "yolov8n.pt"))
+    monkeypatch.chdir(tmp_path)
+    commands = _readme_commands()
+    assert [c[0] for c in commands] == ["calibrate", "qat", "export", "eval", "lint"]
+    for argv in commands:
+        argv = [str(tiny_digits_yaml) if a == "data.yaml" else a for a in argv]
+        if argv[0] == "qat":
+            argv += ["--max-steps", "2"]
+        if argv[0] == "lint":
+            argv += ["--json", "lint.json"]
+        assert main(argv) in (0, None), argv
+    assert (tmp_path / "calib/yolov8n/quantized.pt").is_file() and (tmp_path / "runs/yolov8n-qat/best.pt").is_file()
+    out = capsys.readouterr().out
+    assert "yolov8n_qdq (onnxruntime): mAP50" in out
+    stats = json.loads((tmp_path / "lint.json").read_text())["stats"]
+    # the DFL conv is the one float layer, declared in the ONNX by the export, so lint counts it as deliberate
+    assert stats["int8_coverage_excluding_skipped"] == 1.0 and stats["skipped_float_layers"] == 1
+    assert [f["why"][:12] for f in stats["float_layers"]] == ["DFL integral"]
+    assert stats["scale_mismatches"] == 0 and stats["requantize_chains"] == 0 and stats["reformat_sites"] == 0

@@ -121,17 +121,24 @@ def test_unused_layer_is_disabled_with_a_warning(caplog):
 
 
 def test_rules_without_a_sample_input_are_not_silently_skipped(caplog):
+    """Without a sample input the rules run on the first forward; the summary says which, and rules=False says
+    they are off."""
     import logging
 
     from torch import nn
 
     from trt_qat.config import QuantConfig
-    from trt_qat.quant.instrument import quantize
+    from trt_qat.quant.instrument import quantize, quantizer_summary
 
-    with caplog.at_level(logging.WARNING, logger="trt_qat"):
-        quantize(nn.Sequential(nn.Conv2d(3, 4, 3)))
-    assert any("placement rules NOT applied" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.INFO, logger="trt_qat"):
+        m = quantize(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    assert "placement rules pending" in quantizer_summary(m)
+    assert any("first forward" in r.getMessage() for r in caplog.records)
+    m(torch.zeros(2, 3, 8, 8))
+    assert m.trt_qat_rules_report.trigger == "first forward" and m.trt_qat_rules_input_shape == [1, 3, 8, 8]
+    assert "placement rules applied (on the first forward" in quantizer_summary(m)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trt_qat"):
-        quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantConfig(rules=False))
+        m = quantize(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantConfig(rules=False))
     assert not any("placement rules" in r.getMessage() for r in caplog.records)
+    assert "placement rules off" in quantizer_summary(m)

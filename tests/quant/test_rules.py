@@ -398,12 +398,34 @@ def test_quant_skip_matches_the_skip_input_quantizers_sensitivity_reports():
     assert model.trt_qat_rules_report.adds_quantized == 3
 
 
-def test_functional_skip_left_alone_and_reported(caplog):
+def test_functional_skip_is_quantized_at_the_function(tmp_path):
+    """A skip input no module returns (F.relu in the model's own forward) is quantized at that call: the Add gets
+    one quantized input in the ONNX, and PyTorch and ONNX Runtime agree."""
+    torch.manual_seed(0)
     model = _quantized(FunctionalSkip(), (1, 3, 16, 16))
+    report = model.trt_qat_rules_report
+    assert report.adds_quantized == 1 and not report.adds_left_alone and report.function_quantizers == 1
+    assert report.output_sites == ["<model>[0].relu#0"]
+    assert "_trt_qat_output_quantizers_fn.0_relu_0" in dict(trt_qat.iter_quantizers(model))
+    assert isinstance(model.c1._input_quantizer, QuantizedUpstream)  # (c1 reads the same tensor)
+    _calibrate(model, (2, 3, 16, 16))
+    g = _export(model, (2, 3, 16, 16), tmp_path / "f.onnx")
+    adds, bad = _residual_adds_through_dq(g)
+    assert len(adds) == 1 and not bad
+    assert _ort_vs_torch(model, tmp_path / "f.onnx", torch.randn(2, 3, 16, 16)) > 0.999
+
+
+def test_functional_skip_left_alone_when_skipped():
+    from trt_qat.analysis.sensitivity import skip_patterns
+
+    torch.manual_seed(0)
+    model = FunctionalSkip().eval()
+    trt_qat.quantize(model, QuantConfig(skip=skip_patterns(["_trt_qat_output_quantizers_fn"])),
+                     sample_input=torch.zeros(1, 3, 16, 16))
     report = model.trt_qat_rules_report
     assert report.adds_quantized == 0 and len(report.adds_left_alone) == 1
     where, reason = report.adds_left_alone[0]
-    assert "relu" in reason and "module" in reason
+    assert "quant.skip" in reason
     assert "left alone" in report.format()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 16, 16)).shape == (1, 8, 16, 16)

@@ -7,6 +7,7 @@ device the model is on, CPU included.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from trt_qat.config import CALIB_METHODS, CalibConfig
 from trt_qat.dist import all_reduce_mean, get_world_size, is_distributed
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_torch_save, read_checkpoint
+from trt_qat.quant.pending import apply_pending_rules, rules_status
 from trt_qat.quant.quantizer import activation_quantizers, iter_quantizers
 
 __all__ = ["batch_input", "collect_stats", "compute_amax", "calibrate", "save_amax", "load_amax"]
@@ -72,6 +74,9 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
         histogram (bool): also collect histograms (needed for percentile/mse/entropy). Defaults to True.
         progress (bool): show a tqdm bar. Defaults to True.
 
+    A model quantized without a sample input gets its placement rules here, from the first batch, before any
+    statistics are collected (so the quantizers they create calibrate like the others).
+
     Under torchrun (a torch.distributed group is up) every rank collects on its own shard and the statistics are
     then reduced across ranks (max for amax, sum for histograms; see :mod:`trt_qat.calibration.reduce`): every rank ends
     with the statistics of all the data.
@@ -81,11 +86,15 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
     """
     from tqdm import tqdm
 
-
-    quantizers = activation_quantizers(model)
-    if not quantizers:
+    if not activation_quantizers(model):
         raise TrtQatError("the model has no activation quantizers; call trt_qat.quantize(model) first")
     device = _model_device(model, device)
+    batches = iter(data)
+    first = next(batches, None)
+    if first is not None:
+        apply_pending_rules(model, batch_input(first).to(device))
+        batches = itertools.chain([first], batches)
+    quantizers = activation_quantizers(model)
     was_training = model.training
     model.eval()
     for _, q in quantizers:
@@ -101,7 +110,7 @@ def collect_stats(model: nn.Module, data, num_batches: int | None = None, device
         total = num_batches
         if total is None and hasattr(data, "__len__"):
             total = len(data)
-        for batch in tqdm(data, total=total, desc="calibrate", disable=not progress, leave=False):
+        for batch in tqdm(batches, total=total, desc="calibrate", disable=not progress, leave=False):
             model(batch_input(batch).to(device, non_blocking=True))
             seen += 1
             if num_batches is not None and seen >= num_batches:
@@ -177,8 +186,11 @@ def calibrate(model: nn.Module, data, method: str = "percentile", percentile: fl
     Afterwards every enabled quantizer has a finite, positive amax.
     """
     cfg = CalibConfig(method=method, percentile=percentile, num_batches=num_batches, device=device)
-    collect_stats(model, data, cfg.num_batches, cfg.device, histogram=cfg.method != "max", progress=progress)
-    compute_amax(model, cfg.method, cfg.percentile)
+    seen = collect_stats(model, data, cfg.num_batches, cfg.device, histogram=cfg.method != "max",
+                         progress=progress)
+    amax = compute_amax(model, cfg.method, cfg.percentile)
+    LOG.info("calibrated %d activation quantizers on %d batches (%s); %s", len(amax), seen, cfg.method,
+             rules_status(model))
     return model
 
 

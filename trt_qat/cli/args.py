@@ -7,12 +7,16 @@ import functools
 import sys
 
 from trt_qat.config import MAX_IMGSZ, MAX_LR, MIN_IMGSZ
-from trt_qat.errors import TrtQatError, setup_logging
+from trt_qat.errors import LOG, TrtQatError, setup_logging
 from trt_qat.models.adapter import FAMILY_MODULES
 
 __all__ = ["ArgumentParser", "cli_main", "add_model_args", "add_data_args",
-           "load_fp32_model", "make_dataset", "positive_int", "non_negative_int",
+           "load_fp32_model", "make_dataset", "resolve_imgsz", "positive_int", "non_negative_int",
            "positive_float", "non_negative_float", "unit_interval", "imgsz", "learning_rate", "regex"]
+
+
+#: the input size when neither --imgsz nor the checkpoint gives one (the demo's)
+DEFAULT_IMGSZ = 128
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -165,7 +169,9 @@ def add_data_args(parser: argparse.ArgumentParser, default_split: str = "val", r
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=required, help="YOLO-format data.yaml (see `trt-qat make-data`)")
     group.add_argument("--split", default=default_split, help=f"split key in data.yaml. Default {default_split}")
-    group.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size, a multiple of 32. Default 128")
+    group.add_argument("--imgsz", type=imgsz, default=None,
+                       help="letterbox size, a multiple of the model's largest stride (default: the size the "
+                            "checkpoint or ONNX records, else 128)")
     group.add_argument("--batch-size", type=positive_int, default=16)
     group.add_argument("--max-images", type=positive_int, default=None, help="use only the first N images")
     return group
@@ -182,6 +188,23 @@ def load_fp32_model(args):
         raise TrtQatError(f"checkpoint '{args.checkpoint}' holds {held}, not {args.model}; drop "
                           "--model or pass the matching checkpoint")
     return model, adapter
+
+
+def resolve_imgsz(args, model=None, onnx=None, adapter=None) -> int:
+    """Set and return ``args.imgsz``: ``--imgsz`` when given, else the size the checkpoint records
+    (``model.trt_qat_imgsz``: its training or calibration size) or the static input size of ``onnx``, else
+    :data:`DEFAULT_IMGSZ`; checked against the model's largest stride."""
+    if args.imgsz is None:
+        held = getattr(model, "trt_qat_imgsz", None) if model is not None else None
+        if held is None and onnx is not None:
+            from trt_qat.onnx.io import static_input_size
+
+            held = static_input_size(onnx)
+        args.imgsz = int(held) if held else DEFAULT_IMGSZ
+        LOG.debug("imgsz %d (%s)", args.imgsz, "recorded in the model" if held else "the default; pass --imgsz")
+    if model is not None and adapter is not None:
+        adapter.check_imgsz(model, args.imgsz)
+    return args.imgsz
 
 
 def make_dataset(args, split: str, augment: bool = False, adapter=None):

@@ -6,7 +6,7 @@ import argparse
 from trt_qat.cli.args import ArgumentParser, cli_main
 from trt_qat.errors import setup_logging
 from trt_qat.trt.build import build_engine
-from trt_qat.trt.plan import PRECISIONS
+from trt_qat.trt.plan import PRECISIONS, SPARSITY_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowGPUFallback", action="store_true", help="with --useDLACore: run unsupported layers on GPU")
     p.add_argument("--stronglyTyped", action="store_true", default=None,
                    help="strongly typed network (TensorRT >= 10; always on with 11; default from 10.12)")
+    p.add_argument("--sparsity", default="disable", choices=SPARSITY_MODES,
+                   help="2:4 sparse kernels: disable; enable (BuilderFlag.SPARSE_WEIGHTS, where the weights hold 2:4: "
+                        "`trt-qat sparsify`); force (weights rewritten to 2:4 first, speed ceiling only, accuracy "
+                        "lost) (default: %(default)s)")
     p.add_argument("--verbose", action="store_true", help="TensorRT verbose log")
     return p
 
@@ -48,7 +52,7 @@ def main(argv=None):
                         builder_optimization_level=args.builderOptimizationLevel, dla_core=args.useDLACore,
                         allow_gpu_fallback=args.allowGPUFallback, strongly_typed=args.stronglyTyped,
                         verbose=args.verbose, min_shapes=args.minShapes, opt_shapes=args.optShapes,
-                        max_shapes=args.maxShapes, batch=args.batch)
+                        max_shapes=args.maxShapes, batch=args.batch, sparsity=args.sparsity)
     print(path)
     return 0
 

@@ -14,7 +14,7 @@ from trt_qat.quant.quantizer import iter_quantizers
 
 @cli_main
 def main(argv=None):
-    from trt_qat.cli.args import add_data_args, add_model_args, load_fp32_model, make_dataset, regex
+    from trt_qat.cli.args import add_data_args, add_model_args, load_fp32_model, make_dataset, regex, resolve_imgsz
 
     parser = ArgumentParser(prog="trt-qat calibrate", description="Quantize an FP32 checkpoint and calibrate "
                                      "it (PTQ). Writes a quantized checkpoint and calib/<run>/amax.pt.")
@@ -45,6 +45,7 @@ def main(argv=None):
         check_not_input(out / name, args.checkpoint, flag="--out")
     with output_lock(out), dist_util.torchrun_session(args.device) as (rank, world, device):
         model, adapter = load_fp32_model(args)
+        model.trt_qat_imgsz = resolve_imgsz(args, model, adapter=adapter)  # (recorded in quantized.pt)
         dataset = make_dataset(args, split=args.split, adapter=adapter)
         adapter.check_dataset(model, dataset, f"--data {args.data}")
         if world > 1:

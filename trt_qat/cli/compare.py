@@ -7,6 +7,7 @@ from trt_qat.cli.args import ArgumentParser, cli_main, non_negative_float, non_n
 from trt_qat.errors import LOG, TrtQatError, setup_logging
 from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
 from trt_qat.measure.compare import DEFAULT_THRESHOLDS, compare_runners, format_report, load_npz_feed
+from trt_qat.models.adapter import FAMILY_MODULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", action="append", default=[], help="TensorRT engine to compare too (repeatable)")
     p.add_argument("--checkpoint", default=None,
                    help="PyTorch checkpoint (FP32 or quantized fake-quant); when given it is the reference")
+    p.add_argument("--model-family", default=None, choices=sorted(FAMILY_MODULES),
+                   help="for an FP32 --checkpoint in a family's own format (an Ultralytics .pt); default: recognised "
+                        "from the checkpoint")
     p.add_argument("--providers", default="cpu", help="ONNX Runtime providers for the ONNX runners (default: cpu)")
     p.add_argument("--input-shape", "--shapes", dest="shapes", default=None,
                    help="input shapes for random inputs, e.g. images:1x3x640x640")
@@ -58,7 +62,7 @@ def main(argv=None):
     if args.checkpoint:
         from trt_qat.runners.torch_runner import torch_runner_from_checkpoint
 
-        runners.append(torch_runner_from_checkpoint(args.checkpoint)[0])
+        runners.append(torch_runner_from_checkpoint(args.checkpoint, family=args.model_family)[0])
     for i, path in enumerate(args.onnx):
         runners.append(OnnxrtRunner(path, providers=args.providers, intra_op_threads=args.threads,
                                     name=f"ort:{i}" if len(args.onnx) > 1 else "ort"))

@@ -21,15 +21,16 @@ def _runner_from_args(args):
         return OnnxrtRunner(args.onnx, providers=args.providers), "onnxruntime", precision
     from trt_qat.runners.torch_runner import torch_runner_from_checkpoint
 
-    runner, precision = torch_runner_from_checkpoint(args.checkpoint)
+    runner, precision = torch_runner_from_checkpoint(args.checkpoint, family=args.model_family)
     return runner, "torch", precision
 
 
 @cli_main
 def main(argv=None):
 
-    from trt_qat.cli.args import add_data_args, make_dataset, unit_interval
+    from trt_qat.cli.args import add_data_args, make_dataset, resolve_imgsz, unit_interval
     from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
+    from trt_qat.models.adapter import FAMILY_MODULES
 
     parser = ArgumentParser(prog="trt-qat eval", description="COCO mAP (pycocotools) of a checkpoint, ONNX "
                                      "or TensorRT engine, with the same pre-processing, decoding and NMS for all.")
@@ -37,6 +38,9 @@ def main(argv=None):
     src.add_argument("--checkpoint", help="FP32 or quantized PyTorch checkpoint")
     src.add_argument("--onnx", help="ONNX model, run with ONNX Runtime")
     src.add_argument("--engine", help="TensorRT engine (needs tensorrt + pycuda)")
+    parser.add_argument("--model-family", default=None, choices=sorted(FAMILY_MODULES),
+                        help="for an FP32 --checkpoint in a family's own format (an Ultralytics .pt); default: "
+                             "recognised from the checkpoint")
     add_data_args(parser, default_split="val")
     parser.add_argument("--providers", default=None, help="ONNX Runtime providers: cpu, cuda, trt (default cpu)")
     parser.add_argument("--conf-thres", type=unit_interval, default=0.001, help="score threshold in [0, 1]")
@@ -48,13 +52,17 @@ def main(argv=None):
     if args.json:  # before the evaluation, not after it
         check_not_input(args.json, args.checkpoint, args.onnx, args.engine, args.data, flag="--json")
         check_writable_file(args.json)
-    dataset = make_dataset(args, split=args.split)
     runner, backend, precision = _runner_from_args(args)
     adapter = None
     if backend == "torch":  # the model's family decodes it, and its classes must be the data's
         from trt_qat.models.adapter import adapter_for_model
 
         adapter = adapter_for_model(runner.model)
+        resolve_imgsz(args, runner.model, adapter=adapter)
+    else:
+        resolve_imgsz(args, onnx=args.onnx)
+    dataset = make_dataset(args, split=args.split)
+    if adapter is not None:
         adapter.check_dataset(runner.model, dataset, f"--data {args.data}")
     with runner:
         res = evaluate(runner, dataset, batch_size=args.batch_size, conf_thres=args.conf_thres,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trt_qat.cli.args import ArgumentParser, cli_main
+from trt_qat.cli.args import ArgumentParser, cli_main, positive_int
 from trt_qat.errors import LOG
 from trt_qat.fileio import atomic_write_json, check_not_input, check_writable_file
 from trt_qat.onnx.lint import lint_onnx
@@ -24,12 +24,16 @@ def main(argv=None):
     parser.add_argument("--skip", nargs="+", type=regex, default=[], metavar="REGEX",
                         help="node-name regexes of layers left in float on purpose (excluded from coverage)")
     parser.add_argument("--all", action="store_true", help="also list the INT8-eligible layers")
+    parser.add_argument("--sparsity", action="store_true",
+                        help="list every conv's 2:4 state (shown anyway when some conv holds 2:4)")
+    parser.add_argument("--min-channels", type=positive_int, default=256, metavar="N",
+                        help="2:4: convs with fewer input or output channels run densely (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.json:  # before the work: an unwritable path, or the input itself, is refused up front
         check_not_input(args.json, args.onnx, flag="--json")
         check_writable_file(args.json)
-    report = lint_onnx(args.onnx, skip_nodes=args.skip)
-    print(report.format_table(show_int8=args.all))
+    report = lint_onnx(args.onnx, skip_nodes=args.skip, sparsity_min_channels=args.min_channels)
+    print(report.format_table(show_int8=args.all, show_sparsity=True if args.sparsity else None))
     if args.json:
         atomic_write_json(Path(args.json), report.to_dict())
         LOG.info("wrote %s", args.json)

@@ -20,6 +20,7 @@ def main(argv=None):
         non_negative_float,
         non_negative_int,
         positive_int,
+        resolve_imgsz,
     )
 
     parser = ArgumentParser(prog="trt-qat qat", description="Quantization-aware fine-tuning of a "
@@ -76,6 +77,7 @@ def main(argv=None):
     with output_lock(out), dist_util.torchrun_session(args.device) as (rank, world, device):
         model, _ = load_quantized(args.checkpoint)
         adapter = adapter_for_model(model)
+        resolve_imgsz(args, model, adapter=adapter)
         # resume only a run of this very model, data and settings (--out is often reused between runs)
         fingerprint = run_fingerprint({k: v for k, v in vars(args).items()
                                        if k not in ("checkpoint", "out", "no_resume", "device")}, model)

@@ -43,7 +43,7 @@ def _markdown(summary: dict, results, unit: str) -> str:
 
 @cli_main
 def main(argv=None):
-    from trt_qat.cli.args import add_data_args, non_negative_float, regex
+    from trt_qat.cli.args import add_data_args, non_negative_float, regex, resolve_imgsz
 
     parser = ArgumentParser(
         prog="trt-qat sensitivity",
@@ -98,6 +98,7 @@ def main(argv=None):
         if metric == "sqnr" and max_images is None:
             max_images = args.sqnr_batches * args.batch_size
         adapter = adapter_for_model(model)
+        resolve_imgsz(args, model, adapter=adapter)
         dataset = adapter.dataset(args.data, args.split, imgsz=args.imgsz, max_images=max_images)
         adapter.check_dataset(model, dataset, f"--data {args.data}")
         if metric == "auto":

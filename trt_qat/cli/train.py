@@ -12,10 +12,14 @@ from trt_qat.train.loop import OPTIMIZERS
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="trt-qat train", description="Train the built-in detector in FP32 "
-                                "(the baseline for PTQ and QAT).")
+    p = ArgumentParser(prog="trt-qat train", description="Train a detector from scratch in FP32 (the baseline for "
+                                "PTQ and QAT): the built-in one, or an Ultralytics model yaml with "
+                                "--model-family ultralytics.")
     p.add_argument("--data", required=True, help="YOLO data.yaml with train and val splits")
-    p.add_argument("--model", default="yolo-n", help="yolo-n or yolo-s (default: %(default)s)")
+    p.add_argument("--model", default="yolo-n",
+                   help="yolo-n or yolo-s; with --model-family ultralytics a model yaml such as yolov8n.yaml "
+                        "(default: %(default)s)")
+    p.add_argument("--model-family", default=None, help="model family (builtin, ultralytics; default: builtin)")
     p.add_argument("--epochs", type=positive_int, default=30, help="default: %(default)s")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (default: %(default)s)")
     p.add_argument("--imgsz", type=imgsz, default=128, help="letterbox size (default: %(default)s)")
@@ -30,6 +34,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="evaluate every N epochs (default: epochs // 10)")
     p.add_argument("--no-augment", action="store_true", help="disable the train-split augmentation")
+    p.add_argument("--half", action="store_true",
+                   help="store the best checkpoint's weights in FP16 (half the file; loaded back as FP32)")
     p.add_argument("--no-resume", action="store_true",
                    help="start afresh even when <out>.last.pt holds a killed run of the same settings")
     return p
@@ -46,7 +52,8 @@ def main(argv=None):
         train_fp32(args.data, model_name=args.model, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz,
                    lr=args.lr, out=args.out, seed=args.seed, workers=args.workers, device=args.device,
                    optimizer=args.optimizer, eval_every=args.eval_every, augment=not args.no_augment,
-                   threads=args.threads, resume=not args.no_resume)
+                   threads=args.threads, family=args.model_family, resume=not args.no_resume,
+                   half=args.half)
     return 0
 
 

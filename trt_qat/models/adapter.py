@@ -25,7 +25,8 @@ __all__ = ["ModelAdapter", "register_adapter", "get_adapter", "adapter_for_check
            "load_fp32", "family_of_pickle", "read_checkpoint_or_name_family", "FAMILY_MODULES", "DEFAULT_FAMILY"]
 
 #: family name -> the module that registers its adapter (imported lazily)
-FAMILY_MODULES = {"builtin": "trt_qat.models.builtin", "ultralytics": "trt_qat.models.ultralytics"}
+FAMILY_MODULES = {"builtin": "trt_qat.models.builtin", "ultralytics": "trt_qat.models.ultralytics",
+                  "yolov5": "trt_qat.models.yolov5"}
 DEFAULT_FAMILY = "builtin"
 _REGISTRY: dict = {}
 
@@ -50,6 +51,12 @@ class ModelAdapter:
     def recognizes(self, ckpt: dict) -> bool:
         """Whether the checkpoint dict ``ckpt`` holds a model of this family."""
         return ckpt.get("model_family") == self.family
+
+    def names_pickle(self, found) -> bool:
+        """Whether a pickle whose globals are ``found`` (``"module name"`` strings, read without unpickling by
+        :func:`trt_qat.fileio.pickle_globals`) holds this family's model: by default, when one of them is in a
+        package of :attr:`pickle_modules`."""
+        return bool({item.split(" ")[0].split(".")[0] for item in found} & set(self.pickle_modules))
 
     def build(self, name: str, nc: int):
         """A freshly initialised model ``name`` with ``nc`` classes (for training from scratch)."""
@@ -79,9 +86,13 @@ class ModelAdapter:
         """A model built from :meth:`architecture`'s dict (weights are loaded afterwards)."""
         raise NotImplementedError
 
-    def tag(self, model):
-        """Mark ``model`` as this family's (``model.trt_qat_family``, read by :func:`adapter_for_model`); returns it."""
+    def tag(self, model, ckpt: dict | None = None):
+        """Mark ``model`` as this family's (``model.trt_qat_family``, read by :func:`adapter_for_model`) and, when
+        the checkpoint ``ckpt`` it came from records one, its image size (``model.trt_qat_imgsz``); returns it."""
         model.trt_qat_family = self.family
+        size = checkpoint_imgsz(ckpt) if ckpt is not None else None
+        if size is not None:
+            model.trt_qat_imgsz = size
         return model
 
     def model_name(self, model) -> str | None:
@@ -94,6 +105,22 @@ class ModelAdapter:
         import torch
 
         return torch.zeros(batch, 3, int(imgsz), int(imgsz))
+
+    def max_stride(self, model) -> int:
+        """The model's largest stride: every input side must be a multiple of it."""
+        import torch
+
+        stride = getattr(model, "stride", None)
+        return int(torch.as_tensor(stride).max()) if stride is not None else 32
+
+    def check_imgsz(self, model, imgsz: int) -> int:
+        """``imgsz``, or TrtQatError when it is not a multiple of the model's largest stride."""
+        stride = self.max_stride(model)
+        if int(imgsz) % stride:
+            lo, hi = max(stride, int(imgsz) // stride * stride), (int(imgsz) // stride + 1) * stride
+            raise TrtQatError(f"imgsz {imgsz} is not a multiple of {stride}, the model's largest stride; use {lo} or "
+                              f"{hi}")
+        return int(imgsz)
 
     def dynamic_axes(self, dynamic_batch: bool = True) -> dict | None:
         """ONNX ``dynamic_axes`` for export: the batch dimension of every input and output, or None."""
@@ -161,11 +188,26 @@ class ModelAdapter:
         return [f"^{re.escape(name)}$" for name in self.float_layers(model)]
 
 
+def checkpoint_imgsz(ckpt) -> int | None:
+    """The image size a checkpoint records: trt_qat's ``imgsz`` (quantized checkpoints), else its training
+    arguments' ``imgsz`` (``trt-qat train`` and Ultralytics both keep them in ``train_args``); None when it has none."""
+    if not isinstance(ckpt, dict):
+        return None
+    args = ckpt.get("train_args")
+    size = ckpt.get("imgsz") or (args.get("imgsz") if isinstance(args, dict) else None)
+    if isinstance(size, (list, tuple)) and size:
+        size = max(size)
+    return int(size) if isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0 else None
+
+
 def register_adapter(cls):
-    """Class decorator: register an adapter class under its ``family``."""
+    """Class decorator: register an adapter class under its ``family``, with pruned-model support added to its
+    checkpoint load and save path (:func:`trt_qat.models.reshape.support_pruned`)."""
+    from trt_qat.models.reshape import support_pruned
+
     if not cls.family:
         raise TypeError(f"{cls.__name__} has no family name")
-    _REGISTRY[cls.family] = cls()
+    _REGISTRY[cls.family] = support_pruned(cls)()
     return cls
 
 
@@ -215,10 +257,10 @@ def load_fp32(path, family: str | None = None):
     """
     if family:
         adapter = get_adapter(family)
-        return adapter.tag(adapter.load(path)[0]), adapter
+        return adapter.tag(*adapter.load(path)), adapter
     ckpt = read_checkpoint_or_name_family(path)
     adapter = adapter_for_checkpoint(ckpt, family)
-    return adapter.tag(adapter.from_checkpoint(ckpt, path)), adapter
+    return adapter.tag(adapter.from_checkpoint(ckpt, path), ckpt), adapter
 
 
 def read_checkpoint_or_name_family(path) -> dict:
@@ -243,8 +285,8 @@ def family_of_pickle(path) -> str | None:
     or None."""
     from trt_qat.fileio import pickle_globals
 
-    tops = {item.split(" ")[0].split(".")[0] for item in pickle_globals(path)}
+    found = pickle_globals(path)
     for name in FAMILY_MODULES:
-        if tops & set(get_adapter(name).pickle_modules):
+        if get_adapter(name).names_pickle(found):
             return name
     return None

@@ -62,15 +62,35 @@ def _is_plain(obj) -> bool:
     return isinstance(obj, _PLAIN)
 
 
+#: head or model class -> the task it serves, for the message that refuses it
+_OTHER_TASKS = {"Segment": "instance segmentation", "Segment26": "instance segmentation", "Pose": "pose",
+                "Pose26": "pose", "OBB": "oriented boxes (OBB)", "OBB26": "oriented boxes (OBB)",
+                "Classify": "classification", "ClassificationModel": "classification", "RTDETRDecoder": "RT-DETR",
+                "WorldDetect": "open-vocabulary (YOLO-World)", "YOLOEDetect": "open-vocabulary (YOLOE)",
+                "YOLOESegment": "open-vocabulary segmentation (YOLOE)"}
+
+
 def _head(model):
     """The model's Detect head (or TrtQatError when ``model`` is not an Ultralytics detection model)."""
     tasks = _tasks()
-    head = model.model[-1] if isinstance(model, tasks.DetectionModel) else None
-    if type(head) not in (tasks.Detect, tasks.v10Detect):  # (Segment, Pose, OBB, YOLOE heads are Detect subclasses)
+    seq = getattr(model, "model", None)
+    head = seq[-1] if isinstance(seq, torch.nn.Sequential) and len(seq) else None
+    if not isinstance(model, tasks.DetectionModel) or type(head) not in (tasks.Detect, tasks.v10Detect):
+        # (Segment, Pose, OBB and YOLOE heads are Detect subclasses; RT-DETR is a DetectionModel subclass)
         kind = type(head).__name__ if head is not None else type(model).__name__
-        raise TrtQatError(f"the ultralytics adapter handles detection models (a Detect head), not {kind}; pass a "
-                          "YOLO detection model (yolov8n.yaml, yolo11n.pt, ...)")
+        task = _OTHER_TASKS.get(kind) or _OTHER_TASKS.get(type(model).__name__)
+        found = f"{'an' if task[0] in 'aeiou' else 'a'} {task} model ({kind})" if task else kind
+        raise TrtQatError(f"this is {found}; the ultralytics family supports detection models with a Detect head "
+                          "(YOLOv5u, YOLOv8, YOLO11, YOLO26 detect, e.g. yolov8n.pt): pass a detection checkpoint")
     return head
+
+
+def _is_fused(model) -> bool:
+    """Whether Ultralytics' ``fuse()`` folded the BatchNorms into the convs (``predict()`` does it on the fly, and
+    ``YOLO.save()`` then writes the folded model)."""
+    from ultralytics.nn.modules import Conv
+
+    return any(isinstance(m, Conv) and not hasattr(m, "bn") for m in model.modules())
 
 
 def _unshare_activations(model):
@@ -176,6 +196,11 @@ class UltralyticsAdapter(ModelAdapter):
             if "not allowed" not in str(exc):
                 raise TrtQatError(f"checkpoint '{path}' cannot be read (UnpicklingError); it is corrupt or not an "
                                   "Ultralytics checkpoint: re-download or re-save it") from None
+            if "getattr" in str(exc):  # a bound method: fuse() sets ``conv.forward = conv.forward_fuse``
+                raise TrtQatError(f"checkpoint '{path}' holds bound methods, which Ultralytics writes for a model "
+                                  "fused by predict() or fuse(); trt_qat does not unpickle them (getattr can reach "
+                                  "any function); pass the unfused checkpoint (training's best.pt, or YOLO(...).save() "
+                                  "before any predict())") from None
             raise TrtQatError(f"checkpoint '{path}' was not loaded: {exc}; an Ultralytics checkpoint names only "
                               "classes, so this one was not written by Ultralytics (or was tampered with)") from None
         except ModuleNotFoundError as exc:
@@ -236,7 +261,8 @@ class UltralyticsAdapter(ModelAdapter):
         if not isinstance(model, tasks.DetectionModel) or not isinstance(yaml, dict) or not _is_plain(yaml):
             return None
         nc = int(_head(model).nc)
-        return {"yaml": copy.deepcopy(yaml), "nc": nc, "names": _names_list(getattr(model, "names", None), nc)}
+        return {"yaml": copy.deepcopy(yaml), "nc": nc, "names": _names_list(getattr(model, "names", None), nc),
+                "fused": _is_fused(model)}
 
     def from_architecture(self, arch: dict):
         tasks = _tasks()
@@ -251,6 +277,8 @@ class UltralyticsAdapter(ModelAdapter):
             raise TrtQatError(f"the checkpoint's Ultralytics model yaml cannot be built ({exc.__class__.__name__}: "
                               f"{exc}); re-create the checkpoint with trt_qat") from None
         model.names = dict(enumerate(_names_list(arch.get("names"), int(arch["nc"]))))
+        if arch.get("fused"):  # the same layers as the model it describes: BN folded, unused head branch removed
+            model.fuse(verbose=False)
         return _export_mode(model)
 
     def model_name(self, model) -> str | None:
@@ -285,7 +313,11 @@ class UltralyticsAdapter(ModelAdapter):
         in ``loss_fn.criterion`` (built on the model's device at the first call, rebuilt when it moves; an
         ``E2ELoss`` has an ``update()`` that Ultralytics' trainer calls once per epoch).
         """
-        _head(model)
+        head = _head(model)
+        if any(getattr(head, name, True) is None for name in ("cv2", "cv3")):
+            raise TrtQatError("this model was fused by Ultralytics (predict() or fuse() ran before it was saved), "
+                              "which removed the one-to-many head branch that training needs; use the checkpoint "
+                              "that training wrote (best.pt or last.pt), not a re-saved one")
         hyp = _hyperparameters(model)
 
         def loss_fn(net, batch):
@@ -294,6 +326,7 @@ class UltralyticsAdapter(ModelAdapter):
             if loss_fn.criterion is None or loss_fn.criterion_device != device:
                 model.args = hyp  # (v8DetectionLoss reads its gains from model.args)
                 loss_fn.criterion, loss_fn.criterion_device = model.init_criterion(), device
+            _e2e_gains(loss_fn.criterion, loss_fn.progress)
             preds = net(imgs.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True).float()
             loss, items = loss_fn.criterion(preds, {"batch_idx": targets[:, 0], "cls": targets[:, 1:2],
@@ -302,6 +335,10 @@ class UltralyticsAdapter(ModelAdapter):
             return loss.sum()
 
         loss_fn.criterion = loss_fn.criterion_device = loss_fn.last_items = None
+        # the fraction of training done, for E2ELoss's one-to-many/one-to-one gains: 1 (the gains Ultralytics'
+        # schedule ends with) when a trained model is fine-tuned (QAT); training from scratch sets it every epoch
+        loss_fn.progress = 1.0
+        loss_fn.item_names = ("box", "cls", "dfl")  # (the order of Ultralytics' loss items)
         return loss_fn
 
     def decode(self, outputs, conf_thres: float = 0.001, iou_thres: float = 0.6, max_det: int = 300) -> list:
@@ -333,6 +370,16 @@ class UltralyticsAdapter(ModelAdapter):
         return {name: "DFL integral: a fixed 1x1 conv with weights 0..reg_max-1 over a softmax (the expected box "
                       "side); INT8 on the probabilities would round the small bins to zero and bias every box, for "
                       "no speed gain (one output channel, no trained weights)"}
+
+
+def _e2e_gains(criterion, progress: float) -> None:
+    """Set an ``E2ELoss``'s one-to-many gain where Ultralytics' schedule has it at ``progress`` (0: the start of
+    training, 1: its end; a linear decay from its initial to its final gain) and the one-to-one gain to the rest."""
+    if not hasattr(criterion, "o2m_copy"):  # (not an E2ELoss: one head, no gains)
+        return
+    progress = min(max(float(progress), 0.0), 1.0)
+    criterion.o2m = (1.0 - progress) * (criterion.o2m_copy - criterion.final_o2m) + criterion.final_o2m
+    criterion.o2o = max(criterion.total - criterion.o2m, 0.0)
 
 
 def _hyperparameters(model):

@@ -7,6 +7,8 @@ with zero-point 0: per-channel (axis 0, or 1 for ConvTranspose) for weights, per
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import warnings
 from pathlib import Path
 
@@ -17,10 +19,18 @@ from torch import nn
 from trt_qat.config import check_opset
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_path
+from trt_qat.onnx.io import FLOAT_LAYERS_KEY
 from trt_qat.quant.instrument import check_amax
 from trt_qat.quant.quantizer import iter_quantizers
 
-__all__ = ["export_onnx", "fb_fake_quant"]
+__all__ = ["export_onnx", "fb_fake_quant", "module_node_pattern"]
+
+
+def module_node_pattern(module_name: str) -> str:
+    """A regex matching the ONNX nodes the TorchScript exporter makes from module ``module_name``: their names are
+    the module scopes joined by ``/`` (``/model.22/dfl/conv/Conv`` for ``model.22.dfl.conv``: a ``Sequential``
+    child keeps its ``parent.index`` form)."""
+    return "^/" + "[./]".join(re.escape(part) for part in module_name.split(".")) + "/"
 
 
 
@@ -38,7 +48,8 @@ def fb_fake_quant():
 
 
 def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int = 17, dynamic_batch: bool = True,
-                input_names=("images",), output_names=("output",), check: bool = True) -> Path:
+                input_names=("images",), output_names=("output",), check: bool = True,
+                float_layers: dict | None = None) -> Path:
     """Export ``model`` (quantized or float) to ONNX at ``path`` (written atomically).
 
     Args:
@@ -50,6 +61,9 @@ def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int =
         input_names (tuple[str]): Defaults to ("images",).
         output_names (tuple[str]): Defaults to ("output",).
         check (bool): run onnx.checker and one ONNX Runtime inference. Defaults to True.
+        float_layers (dict | None): ``{module name: reason}`` of layers kept in float on purpose (the adapter's
+            ``float_layers``), written to the ONNX metadata (:data:`FLOAT_LAYERS_KEY`) for the linter. Defaults to
+            None (nothing written).
 
     Returns:
         Path: ``path``.
@@ -72,6 +86,8 @@ def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int =
             torch.onnx.export(model, (sample_input,), str(tmp), opset_version=opset, dynamo=False,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_axes=dynamic_axes, do_constant_folding=True)
+            if float_layers:
+                _write_float_layers(tmp, float_layers)
             if check:
                 _check_onnx(tmp, sample_input, output_names)
     except TrtQatError:
@@ -83,6 +99,16 @@ def export_onnx(model: nn.Module, sample_input: torch.Tensor, path, opset: int =
         model.train(model_was_training)
     LOG.info("exported %s (%s, opset %d)", path, "Q/DQ" if quantized else "float", opset)
     return path
+
+
+def _write_float_layers(path, float_layers: dict):
+    import onnx
+
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key = FLOAT_LAYERS_KEY
+    entry.value = json.dumps({module_node_pattern(name): str(reason) for name, reason in sorted(float_layers.items())})
+    onnx.save(proto, str(path))
 
 
 def _check_onnx(path, sample_input, output_names):

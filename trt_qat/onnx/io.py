@@ -11,9 +11,13 @@ from pathlib import Path
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import require_file
 
-__all__ = ["QDQ_OPS", "load_onnx", "has_qdq", "onnx_opset", "onnx_inputs"]
+__all__ = ["QDQ_OPS", "FLOAT_LAYERS_KEY", "load_onnx", "has_qdq", "onnx_opset", "onnx_inputs", "static_input_size",
+           "declared_float_layers"]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+#: ONNX metadata key: ``{node-name regex: reason}`` of the layers the model family keeps in float on purpose
+#: (written by :func:`trt_qat.onnx.export.export_onnx`); the linter counts them as deliberate, not as lost coverage
+FLOAT_LAYERS_KEY = "trt_qat.float_layers"
 _UNREADABLE = "'{path}' is corrupt or not an ONNX model ({error}); re-export it with `trt-qat export`"
 
 
@@ -72,3 +76,27 @@ def onnx_inputs(model) -> dict:
             dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None)
         out[vi.name] = dims
     return out
+
+
+def static_input_size(model_or_path) -> int | None:
+    """The image size of a detector ONNX whose first input is ``[N, C, S, S]`` with a static ``S``; else None."""
+    model = load_onnx(model_or_path) if isinstance(model_or_path, (str, Path)) else model_or_path
+    dims = next(iter(onnx_inputs(model).values()), [])
+    if len(dims) == 4 and dims[2] is not None and dims[2] == dims[3]:
+        return int(dims[2])
+    return None
+
+
+def declared_float_layers(model) -> dict:
+    """``{node-name regex: reason}`` that the ONNX's metadata (:data:`FLOAT_LAYERS_KEY`) declares float on purpose;
+    empty when it declares none or the entry is not such a mapping."""
+    import json
+
+    for entry in model.metadata_props:
+        if entry.key == FLOAT_LAYERS_KEY:
+            try:
+                value = json.loads(entry.value)
+            except ValueError:
+                return {}
+            return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+    return {}

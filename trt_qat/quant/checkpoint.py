@@ -9,7 +9,13 @@ from torch import nn
 from trt_qat.config import QuantConfig, from_dict
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_torch_save, read_checkpoint
-from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model, read_checkpoint_or_name_family
+from trt_qat.models.adapter import (
+    adapter_for_checkpoint,
+    adapter_for_model,
+    family_of_pickle,
+    get_adapter,
+    read_checkpoint_or_name_family,
+)
 from trt_qat.quant.instrument import quantize
 from trt_qat.quant.quantizer import iter_quantizers
 
@@ -28,6 +34,7 @@ def save_quantized(model: nn.Module, path, extra: dict | None = None):
         "format": QUANT_FORMAT,
         "quant_config": getattr(model, "trt_qat_quant_config", dataclasses.asdict(QuantConfig())),
         "rules_input_shape": getattr(model, "trt_qat_rules_input_shape", None),
+        "imgsz": getattr(model, "trt_qat_imgsz", None),  # the size it was calibrated at: the later stages' default
         "model_family": adapter.family if arch is not None else None,
         "model_cfg": arch,
         "state_dict": model.state_dict(),
@@ -70,6 +77,8 @@ def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None)
         detail = str(exc).strip().splitlines()[-1].strip()
         raise TrtQatError(f"checkpoint '{path}' does not match the model ({detail}); load it with the same "
                           "architecture it was saved from") from None
+    if ckpt.get("imgsz"):
+        model.trt_qat_imgsz = int(ckpt["imgsz"])
     quantizers = dict(iter_quantizers(model))
     for name in ckpt.get("disabled_quantizers", []):
         if name in quantizers:
@@ -80,16 +89,25 @@ def _quantized_from_checkpoint(ckpt: dict, path, model: nn.Module | None = None)
     return model, ckpt
 
 
-def load_model(path):
+def load_model(path, family: str | None = None):
     """Load a quantized (``calibrate``/``qat``) or FP32 checkpoint of any registered model family, reading the file
     once.
+
+    Args:
+        path (str | Path): the checkpoint.
+        family (str | None): the model family, for an FP32 checkpoint in a family's own pickled format (an
+            Ultralytics ``.pt``), which only its adapter reads. Defaults to recognising trt_qat's own files.
 
     Returns:
         tuple[nn.Module, dict, bool]: the model, the checkpoint dict, and whether the model is quantized.
     """
+    if family and family_of_pickle(path) == family:  # (a foreign pickle: see load_fp32)
+        adapter = get_adapter(family)
+        model, ckpt = adapter.load(path)
+        return adapter.tag(model, ckpt), ckpt, False
     ckpt = read_checkpoint_or_name_family(path)
     if ckpt.get("format") == QUANT_FORMAT:
         model, _ = _quantized_from_checkpoint(ckpt, path)
         return model, ckpt, True
     adapter = adapter_for_checkpoint(ckpt)
-    return adapter.tag(adapter.from_checkpoint(ckpt, path)), ckpt, False
+    return adapter.tag(adapter.from_checkpoint(ckpt, path), ckpt), ckpt, False

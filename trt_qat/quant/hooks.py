@@ -6,7 +6,8 @@
   ``module._trt_qat_output_quantizers``, on the calls they belong to; :class:`ResetCallCounters` (a forward pre-hook
   on the root model) restarts the call count at every forward.
 
-All three are plain classes or modules, so quantized models stay deep-copyable and picklable.
+All three are plain classes or modules, so quantized models stay deep-copyable and picklable. Quantizers on the
+output of a torch function (no module returns the tensor) live in :mod:`trt_qat.quant.functional`.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from collections import OrderedDict
 
 from torch import nn
 
-__all__ = ["QuantizedUpstream", "OutputQuantHook", "ResetCallCounters", "OUTPUTS_ATTR", "CALLS_ATTR"]
+__all__ = ["QuantizedUpstream", "OutputQuantHook", "ResetCallCounters", "OUTPUTS_ATTR", "CALLS_ATTR", "FCALLS_ATTR",
+           "replace_at"]
 
 #: the ModuleDict attribute holding a module's output quantizers
 OUTPUTS_ATTR = "_trt_qat_output_quantizers"
 #: per-module call counter (in ``module.__dict__``, not a buffer)
 CALLS_ATTR = "_trt_qat_calls"
+#: per-module call counter of modules with function-output quantizers (:mod:`trt_qat.quant.functional`)
+FCALLS_ATTR = "_trt_qat_fcalls"
 
 
 class QuantizedUpstream(nn.Module):
@@ -58,17 +62,17 @@ class QuantizedUpstream(nn.Module):
         return f"quantized upstream by a shared {type(self.shared).__name__}"
 
 
-def _replace_at(obj, pos, fn):
+def replace_at(obj, pos, fn):
     """``obj`` with the tensor at nested position ``pos`` (tuple of indices/keys) replaced by ``fn(tensor)``."""
     if not pos:
         return fn(obj)
     head, rest = pos[0], pos[1:]
     if isinstance(obj, dict):
         new = type(obj)(obj) if not isinstance(obj, OrderedDict) else OrderedDict(obj)
-        new[head] = _replace_at(obj[head], rest, fn)
+        new[head] = replace_at(obj[head], rest, fn)
         return new
     items = list(obj)
-    items[head] = _replace_at(items[head], rest, fn)
+    items[head] = replace_at(items[head], rest, fn)
     if isinstance(obj, list):
         return items
     if type(obj) is tuple:
@@ -100,15 +104,17 @@ class OutputQuantHook:
             return None
         quantizers = module._modules[OUTPUTS_ATTR]
         for pos, key in entries:
-            output = _replace_at(output, pos, quantizers[key])
+            output = replace_at(output, pos, quantizers[key])
         return output
 
 
 class ResetCallCounters:
-    """Forward pre-hook on the root model: resets the call counters of modules with output quantizers."""
+    """Forward pre-hook on the root model: resets the call counters of modules with output quantizers (and of
+    modules with function-output quantizers)."""
 
     def __call__(self, module, args):
         for m in module.modules():
-            if CALLS_ATTR in m.__dict__:
-                m.__dict__[CALLS_ATTR] = 0
+            for attr in (CALLS_ATTR, FCALLS_ATTR):
+                if attr in m.__dict__:
+                    m.__dict__[attr] = 0
         return None

@@ -19,47 +19,12 @@ from torch import nn
 
 from trt_qat.config import QuantConfig
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.quantizer import TrtQuantizer, iter_quantizers, quant_nn, quantizer_enabled
+from trt_qat.quant.modules import pool_map, quant_map, swap
+from trt_qat.quant.pending import install_pending_rules, rules_status
+from trt_qat.quant.quantizer import TrtQuantizer, iter_quantizers, quantizer_enabled
 from trt_qat.quant.rules import apply_rules
 
 __all__ = ["quantize", "quantizer_summary", "check_amax"]
-
-
-def _quant_map():
-    qnn = quant_nn()
-    return {
-        nn.Conv1d: (qnn.QuantConv1d, 0),
-        nn.Conv2d: (qnn.QuantConv2d, 0),
-        nn.Conv3d: (qnn.QuantConv3d, 0),
-        nn.ConvTranspose1d: (qnn.QuantConvTranspose1d, 1),
-        nn.ConvTranspose2d: (qnn.QuantConvTranspose2d, 1),
-        nn.ConvTranspose3d: (qnn.QuantConvTranspose3d, 1),
-        nn.Linear: (qnn.QuantLinear, 0),
-    }
-
-
-def _pool_map():
-    qnn = quant_nn()
-    return {
-        nn.MaxPool1d: qnn.QuantMaxPool1d,
-        nn.MaxPool2d: qnn.QuantMaxPool2d,
-        nn.MaxPool3d: qnn.QuantMaxPool3d,
-        nn.AvgPool1d: qnn.QuantAvgPool1d,
-        nn.AvgPool2d: qnn.QuantAvgPool2d,
-        nn.AvgPool3d: qnn.QuantAvgPool3d,
-        nn.AdaptiveAvgPool1d: qnn.QuantAdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d: qnn.QuantAdaptiveAvgPool2d,
-        nn.AdaptiveAvgPool3d: qnn.QuantAdaptiveAvgPool3d,
-    }
-
-
-def _swap(module: nn.Module, qcls):
-    """Create an instance of ``qcls`` sharing ``module``'s parameters and attributes (no copy)."""
-    new = qcls.__new__(qcls)
-    new.__dict__.update(module.__dict__)
-    # fresh containers so that quantizers added to ``new`` don't leak into the original module
-    new._modules = dict(module._modules)
-    return new
 
 
 def _skip_reason(name: str, module: nn.Module, config: QuantConfig, patterns) -> str | None:
@@ -79,7 +44,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
         model (nn.Module): any model. Modified in place.
         config (QuantConfig): Defaults to ``QuantConfig()``.
         sample_input (torch.Tensor): an example input, used to trace the dataflow for the placement rules
-            (shared scales, quantized residual Adds). Without it the rules are not applied.
+            (shared scales, quantized residual Adds and attention MatMuls, float layers that do not run in eval).
+            Without it the rules run on the model's first forward (the first calibration batch).
 
     Returns:
         nn.Module: the same model. :func:`quantizer_summary` prints the table of what was quantized (and what was
@@ -89,7 +55,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
     if not isinstance(model, nn.Module):
         raise TrtQatError(f"quantize() needs an nn.Module, got {type(model).__name__}")
     patterns = [re.compile(p) for p in config.skip]
-    qmap, pmap = _quant_map(), _pool_map()
+    qmap, pmap = quant_map(), pool_map()
     qclasses = {q for q, _ in qmap.values()} | set(pmap.values())
     rows, skipped = [], []
 
@@ -109,28 +75,25 @@ def quantize(model: nn.Module, config: QuantConfig | None = None, sample_input: 
                 continue
             if target is not None:
                 qcls, waxis = target
-                new = _swap(child, qcls)
+                new = swap(child, qcls)
                 new._input_quantizer = TrtQuantizer(None, config.num_bits, config.num_bins, "input")
                 new._weight_quantizer = TrtQuantizer(waxis if config.per_channel_weights else None,
                                                      config.num_bits, config.num_bins, "weight")
                 new._weight_quantizer._calibrator.collect_histogram = False
             else:
-                new = _swap(child, pool)
+                new = swap(child, pool)
                 new._input_quantizer = TrtQuantizer(None, config.num_bits, config.num_bins, "input")
             setattr(parent, child_name, new)
             rows.append((name, type(child).__name__))
 
     visit(model, "")
-    if config.rules and sample_input is not None:
-        apply_rules(model, sample_input, skip=config.skip)
-    elif config.rules and rows:
-        LOG.warning("TensorRT placement rules NOT applied: quantize() needs sample_input= (an example input batch) "
-                    "to trace the model; without them Concat/Add inputs get separate scales and TensorRT inserts "
-                    "reformats. Pass sample_input=torch.zeros(1, 3, H, W), or QuantConfig(rules=False) to silence "
-                    "this")
     model.trt_qat_quant_config = dataclasses.asdict(config)
     model.trt_qat_skipped = skipped
-    LOG.info("quantized %d layers, %d left in float by rule", len(rows), len(skipped))
+    if config.rules and sample_input is not None:
+        apply_rules(model, sample_input, skip=config.skip)
+    elif config.rules and rows and getattr(model, "trt_qat_rules_report", None) is None:
+        install_pending_rules(model, config.skip)
+    LOG.info("quantized %d layers, %d left in float by rule; %s", len(rows), len(skipped), rules_status(model))
     return model
 
 
@@ -169,5 +132,5 @@ def quantizer_summary(model: nn.Module) -> str:
         lines.append(f"{name:<58} {getattr(q, 'role', '?'):<6} {str(q.axis):<6} {a:<24} {state}")
     for name, kind, reason in getattr(model, "trt_qat_skipped", []):
         lines.append(f"{name:<58} float  -      -                        {kind} kept in float: {reason}")
-    lines.append(f"{n} quantizers")
+    lines.append(f"{n} quantizers; {rules_status(model)}")
     return "\n".join(lines)

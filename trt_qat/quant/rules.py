@@ -11,171 +11,53 @@ function outside leaf modules and every module call, in-place ops included). Fro
    input, the skip input (the one the other depends on) is quantized at its producer by an *output
    quantizer* (a registered submodule applied by a forward hook), which is the group's quantizer when the
    tensor is also read by quantized layers. The conv-branch input stays float, so TensorRT fuses the Add
-   into that conv's epilogue. Input quantizers that only read tensors already quantized that way are replaced
-   by :class:`~trt_qat.quant.hooks.QuantizedUpstream` (a pass-through), so the ONNX has exactly one Q/DQ pair
-   on the skip path.
+   into that conv's epilogue. A skip input cut out of a module's output by ``chunk``/``split``/``view``/slicing
+   is quantized at that module; one produced by a torch function (``x + attn(x)``) at that function's call
+   (:mod:`trt_qat.quant.placement`, :mod:`trt_qat.quant.functional`). Input quantizers that only read tensors
+   already quantized that way are replaced by :class:`~trt_qat.quant.hooks.QuantizedUpstream` (a pass-through),
+   so the ONNX has exactly one Q/DQ pair on the skip path.
+3. **Attention.** Both inputs of a MatMul of two activations (``q @ k``, ``attn @ v``) are quantized the same
+   way, so TensorRT runs it in INT8. Leaving the attention block in float instead would not remove any Q/DQ
+   pair: its ``qkv`` conv output also feeds the INT8 positional (``pe``) conv, and its output Add needs a
+   quantized input to fuse into that conv; a float island there costs a reformat on each side (float copies
+   of INT8 tensors), while the INT8 MatMuls cost none, and their MACs count as INT8.
+4. **Layers that do not run in eval.** Quantized layers that the forward never calls, or whose output never
+   reaches the model's output (a one-to-many head kept for training only), are restored to float layers and
+   listed in the report (:attr:`RulesReport.left_float`) and in ``model.trt_qat_skipped``: they would only hold
+   quantizers that calibration cannot reach and the export drops.
 
-The result is deterministic: ``load_quantized`` re-runs the same rules on a fresh model before loading the
-state dict, so shared quantizers stay shared through calibration, QAT, save/load and export.
+The rules run on ``quantize(model, sample_input=x)``, or, without a sample input, on the first forward of the
+model (the first calibration batch; :mod:`trt_qat.quant.pending`). The result is deterministic:
+``load_quantized`` re-runs the same rules on a fresh model before loading the state dict, so shared quantizers
+stay shared through calibration, QAT, save/load and export.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import OrderedDict
 
 import torch
-from pytorch_quantization.nn import TensorQuantizer
 from torch import nn
 
 from trt_qat.errors import LOG, TrtQatError
-from trt_qat.quant.hooks import CALLS_ATTR, OUTPUTS_ATTR, OutputQuantHook, QuantizedUpstream, ResetCallCounters
-from trt_qat.quant.quantizer import TrtQuantizer
-from trt_qat.quant.trace import (
-    Recorder,
-    UnionFind,
-    category,
-    first_float,
-    from_quantized_weighted,
-    is_ancestor,
-    producer_index,
-    producer_site,
-    slot_nodes,
-    trace,
+from trt_qat.quant.hooks import OUTPUTS_ATTR, ResetCallCounters
+from trt_qat.quant.modules import to_float
+from trt_qat.quant.placement import (
+    Sites,
+    fold_input_quantizers,
+    follow_data_movement,
+    install,
+    quantize_matmul_inputs,
+    quantize_residual_adds,
 )
+from trt_qat.quant.plan import Plan, RulesReport, count_act_quantizers, live_nodes
+from trt_qat.quant.trace import first_float, slot_nodes, trace
 
 __all__ = ["RulesReport", "apply_rules"]
 
 
-# ------------------------------------------------------------------------------------------------ the report
-@dataclasses.dataclass
-class RulesReport:
-    """What :func:`apply_rules` did.
-
-    Args:
-        input_quantizers_before (int): distinct activation quantizers before the rules.
-        input_quantizers_after (int): distinct activation quantizers after (output quantizers included).
-        groups_merged (int): same-scale groups that held more than one quantizer.
-        quantizers_shared (int): layer input quantizers re-pointed to their group's shared quantizer.
-        concats (int): Concat ops whose inputs and output now share one scale.
-        maxpools (int): MaxPool ops with equal input and output scales.
-        resizes (int): nearest Resize/Upsample ops with equal input and output scales.
-        adds_quantized (int): residual Adds whose skip input is now quantized (fusable into the conv).
-        output_quantizers (int): output quantizers added on producing modules.
-        inputs_folded (int): input quantizers replaced by :class:`~trt_qat.quant.hooks.QuantizedUpstream` (no
-            double Q/DQ).
-        adds_left_alone (list[tuple[str, str]]): ``(where, reason)`` for residual Adds not handled.
-        groups (list[list[str]]): for each merged group, the layers sharing one quantizer.
-        output_sites (list[str]): ``"<module>[call]"`` for each output quantizer.
-    """
-
-    input_quantizers_before: int = 0
-    input_quantizers_after: int = 0
-    groups_merged: int = 0
-    quantizers_shared: int = 0
-    concats: int = 0
-    maxpools: int = 0
-    resizes: int = 0
-    adds_quantized: int = 0
-    output_quantizers: int = 0
-    inputs_folded: int = 0
-    adds_left_alone: list = dataclasses.field(default_factory=list)
-    groups: list = dataclasses.field(default_factory=list)
-    output_sites: list = dataclasses.field(default_factory=list)
-
-    def format(self) -> str:
-        lines = [
-            "TensorRT placement rules",
-            f"  activation quantizers     {self.input_quantizers_before} -> {self.input_quantizers_after}",
-            f"  same-scale groups merged  {self.groups_merged} ({self.quantizers_shared} layer inputs re-pointed)",
-            f"  concat / maxpool / resize {self.concats} / {self.maxpools} / {self.resizes} with shared scales",
-            f"  residual adds quantized   {self.adds_quantized} ({self.output_quantizers} output quantizers, "
-            f"{self.inputs_folded} input quantizers folded into them)",
-            f"  residual adds left alone  {len(self.adds_left_alone)}",
-        ]
-        for where, reason in self.adds_left_alone:
-            lines.append(f"    - {where}: {reason}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-class _Plan:
-    """The trace with what the steps share: a union-find over its values and each node's category."""
-
-    def __init__(self, rec: Recorder, names: dict):
-        self.rec = rec
-        self.names = names
-        self.uf = UnionFind(len(rec.values))
-        self.categories = [category(n) for n in rec.nodes]
-
-    def name(self, module) -> str:
-        return self.names.get(id(module), type(module).__name__) or "<model>"
-
-
-def _where(plan: _Plan, node) -> str:
-    scope = node.scope or "<model>"
-    return f"{scope} ({node.name})"
-
-
-def _quant_params(model):
-    for m in model.modules():
-        if isinstance(m, TensorQuantizer) and getattr(m, "role", "input") != "weight":
-            nb = getattr(getattr(m, "_calibrator", None), "num_bins", 2048)
-            return int(m._num_bits), int(nb)
-    return 8, 2048
-
-
-def _count_act_quantizers(model) -> int:
-    seen = set()
-    for m in model.modules():
-        if isinstance(m, TensorQuantizer) and getattr(m, "role", "input") != "weight":
-            seen.add(id(m))
-    return len(seen)
-
-
-def _residual_inputs(rec, node):
-    """The two input values of an Add node that may be a residual connection, else None."""
-    if len(node.inputs) != 2 or len(node.outputs) != 1:
-        return None
-    a, b = node.inputs
-    va, vb = rec.values[a], rec.values[b]
-    if a == b or not (va.is_float and vb.is_float) or va.shape != vb.shape:
-        return None  # x + x, broadcasting (bias, grid) or non-float adds are not residual connections
-    if va.kind == "const" or vb.kind == "const":
-        return None  # a parameter or constant: not a residual connection
-    return a, b
-
-
-def _skip_input(rec, a: int, b: int) -> int:
-    """The skip input of a residual Add of values ``a`` and ``b``: the one the other depends on (else the earlier
-    one), unless the other does not come from a quantized conv/linear."""
-    if is_ancestor(rec, a, b):
-        skip_v, other = a, b
-    elif is_ancestor(rec, b, a):
-        skip_v, other = b, a
-    else:
-        skip_v, other = (a, b) if producer_index(rec, a) <= producer_index(rec, b) else (b, a)
-    if not from_quantized_weighted(rec, other):
-        skip_v, other = other, skip_v
-    return skip_v
-
-
-def _skip_pattern_hit(plan: _Plan, site, skip_patterns) -> str | None:
-    """Why a ``quant.skip`` pattern keeps the output quantizer at ``site`` out, else None."""
-    if site is None or not skip_patterns:
-        return None
-    owner = plan.name(site[0])
-    hit = next((p.pattern for p in skip_patterns if p.search(f"{owner}.{OUTPUTS_ATTR}")), None)
-    if hit is None:
-        return None
-    return f"quant.skip '{hit}' matches its skip-input quantizer at {owner}.{OUTPUTS_ATTR}"
-
-
 # ------------------------------------------------------------------------------------------------ the steps
-def _merge_same_scale(plan: _Plan, slots):
+def _merge_same_scale(plan: Plan, slots):
     """Step 1: union the values that must share one scale (one quantizer's inputs, Concat, MaxPool, Resize, moves)."""
     values, uf = plan.rec.values, plan.uf
     first_value_of_q = {}
@@ -198,7 +80,7 @@ def _merge_same_scale(plan: _Plan, slots):
                 uf.union(members[0], v)
 
 
-def _share_group_quantizers(plan: _Plan, slots, report: RulesReport) -> dict:
+def _share_group_quantizers(plan: Plan, slots, report: RulesReport) -> dict:
     """Step 2: one quantizer per class, the first slot's in trace order; returns ``{class: quantizer}``."""
     class_q = {}
     members = OrderedDict()
@@ -225,7 +107,7 @@ def _share_group_quantizers(plan: _Plan, slots, report: RulesReport) -> dict:
     return class_q
 
 
-def _count_shared_ops(plan: _Plan, class_q: dict, report: RulesReport):
+def _count_shared_ops(plan: Plan, class_q: dict, report: RulesReport):
     """Count the Concat, MaxPool and Resize ops whose output class now has a quantizer."""
     counters = {"concat": "concats", "maxpool": "maxpools", "resize": "resizes"}
     for node, cat in zip(plan.rec.nodes, plan.categories):
@@ -233,110 +115,41 @@ def _count_shared_ops(plan: _Plan, class_q: dict, report: RulesReport):
             setattr(report, counters[cat], getattr(report, counters[cat]) + 1)
 
 
-def _quantize_residual_adds(model, plan: _Plan, class_q: dict, skip_patterns, report: RulesReport):
-    """Step 3: quantize each residual Add's skip input at its producer, with its class's quantizer (a new one when
-    no layer reads that class). Returns ``(sites, quantized_values)``: ``{(id(module), call, pos): (module, call,
-    pos, quantizer)}`` and ``{value: quantizer applied by an output quantizer}``."""
+def _restore_unused_layers(model, plan: Plan, report: RulesReport) -> set:
+    """Step 0: quantized layers that do not run in eval (never called), or whose every call is dead in eval (its
+    output never reaches the model's output: YOLO26's one-to-one head when the one-to-many one is selected),
+    go back to float layers. Returns the ids of the layers restored."""
     rec = plan.rec
-    num_bits, num_bins = _quant_params(model)
-    sites = OrderedDict()
-    quantized_values = {}
-    for node, cat in zip(rec.nodes, plan.categories):
-        pair = _residual_inputs(rec, node) if cat == "add" else None
-        if pair is None:
+    plan.live = live_nodes(rec) if rec.outputs else None  # (an output we cannot follow: keep everything)
+    live = {}
+    for node in rec.nodes:
+        if node.kind == "module":
+            live[id(node.module)] = live.get(id(node.module), False) or plan.is_live(node)
+    restored = set()
+    skipped = model.__dict__.setdefault("trt_qat_skipped", [])
+    for name, module in list(model.named_modules()):
+        if id(module) in restored or live.get(id(module), False):
             continue
-        if not (from_quantized_weighted(rec, pair[0]) or from_quantized_weighted(rec, pair[1])):
-            reason = "no input comes from a quantized conv/linear, so there is no epilogue to fuse it into"
-            report.adds_left_alone.append((_where(plan, node), reason))
-            LOG.info("placement rules: add in %s left alone: %s", _where(plan, node), reason)
+        float_module = to_float(module)
+        if float_module is None:
             continue
-        skip_v = _skip_input(rec, *pair)
-        if skip_v in quantized_values:
-            report.adds_quantized += 1
-            continue
-        prod = rec.values[skip_v].producer
-        prod_module = None if prod is None else rec.nodes[prod].module
-        if isinstance(prod_module, TensorQuantizer) and not prod_module._disabled:
-            report.adds_quantized += 1  # the model quantizes the skip tensor itself (a TensorQuantizer in forward)
-            continue
-        site, src = producer_site(rec, skip_v), skip_v
-        # a skip input cut out of a module's output by a data-movement op (C2f's ``cv1(x).chunk(2, 1)``): quantize
-        # that module's output instead; the slices then carry its scale (TensorRT moves the DQ across the split)
-        while site is None and prod is not None and plan.categories[prod] == "move" and rec.nodes[prod].inputs:
-            src = rec.nodes[prod].inputs[0]
-            prod = rec.values[src].producer
-            site = producer_site(rec, src)
-        if site is None:
-            prod = rec.values[skip_v].producer
-        reason = _skip_pattern_hit(plan, site, skip_patterns)
-        if reason is not None:
-            report.adds_left_alone.append((_where(plan, node), reason))
-            LOG.info("placement rules: residual add in %s left alone: %s", _where(plan, node), reason)
-            continue
-        if site is None:
-            what = "the model input" if prod is None else f"the functional op '{rec.nodes[prod].name}'"
-            reason = (f"its skip input is produced by {what}, not by a module, so no output quantizer can be "
-                      "attached; produce it with a module (e.g. nn.ReLU instead of F.relu) to quantize it")
-            report.adds_left_alone.append((_where(plan, node), reason))
-            LOG.warning("placement rules: residual add in %s left alone: %s", _where(plan, node), reason)
-            continue
-        c = plan.uf.find(src)
-        q = class_q.get(c)
-        if q is None:
-            q = TrtQuantizer(None, num_bits, num_bins, "input")
-            class_q[c] = q
-        module, call, pos = site
-        sites[(id(module), call, pos)] = (module, call, pos, q)
-        quantized_values[src] = quantized_values[skip_v] = q
-        report.adds_quantized += 1
-    return sites, quantized_values
-
-
-def _follow_data_movement(plan: _Plan, quantized_values: dict):
-    """A pure data-movement op (view, slice, ...) of a quantized tensor is quantized too."""
-    for node, cat in zip(plan.rec.nodes, plan.categories):
-        if cat == "move" and node.inputs and node.inputs[0] in quantized_values:
-            for v in first_float(plan.rec.values, node.outputs):
-                quantized_values[v] = quantized_values[node.inputs[0]]
-
-
-def _fold_input_quantizers(slots, quantized_values: dict, report: RulesReport):
-    """Step 4: fold input quantizers reading only tensors already quantized upstream by the same quantizer."""
-    consumed = OrderedDict()  # id(module) -> (module, [values])
-    for node in slots:
-        consumed.setdefault(id(node.module), (node.module, []))[1].append(node.inputs[0])
-    for module, vals in consumed.values():
-        q = module._modules["_input_quantizer"]
-        if all(quantized_values.get(v) is q for v in vals):
-            module._input_quantizer = QuantizedUpstream(q)
-            report.inputs_folded += 1
-
-
-def _install_output_quantizers(model, plan: _Plan, sites: dict, report: RulesReport):
-    """Step 5: register the output quantizers on their modules, with the hooks that apply them."""
-    by_module = OrderedDict()
-    for module, call, pos, q in sites.values():
-        by_module.setdefault(id(module), (module, []))[1].append((call, pos, q))
-    for module, entries in by_module.values():
-        dct = module._modules.get(OUTPUTS_ATTR)
-        if dct is None:
-            dct = nn.ModuleDict()
-            setattr(module, OUTPUTS_ATTR, dct)
-        hook_plan = {}
-        for call, pos, q in entries:
-            key = "_".join([str(call), *[str(p) for p in pos]])
-            dct[key] = q
-            hook_plan.setdefault(call, []).append((pos, key))
-            report.output_sites.append(f"{plan.name(module)}[{call}]")
-        module.__dict__[CALLS_ATTR] = 0
-        module.register_forward_hook(OutputQuantHook(plan.rec.calls.get(id(module), 1), hook_plan))
-    report.output_quantizers = len(sites)
-    if sites:
-        model.register_forward_pre_hook(ResetCallCounters())
+        if id(module) not in live:
+            reason = "does not run in eval: the forward never calls it"
+        else:
+            reason = ("unused in eval: it runs, but its output never reaches the model's output (a training-only "
+                      "branch, which the export drops)")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, float_module)
+        restored.add(id(module))
+        report.left_float.append((name, reason))
+        skipped.append((name, type(float_module).__name__, reason))
+    if restored:
+        LOG.info("placement rules: %d quantized layers that do not run in eval restored to float", len(restored))
+    return restored
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
+def apply_rules(model: nn.Module, sample_input, skip=(), trigger: str = "sample_input") -> RulesReport:
     """Apply TensorRT's Q/DQ placement rules to a model instrumented by :func:`trt_qat.quantize`, in place.
 
     Args:
@@ -347,6 +160,8 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
             ``<producer module>._trt_qat_output_quantizers`` (the name sensitivity analysis reports it under); a
             pattern that contains ``_trt_qat_output_quantizers`` and matches that name leaves the Add alone.
             Defaults to none.
+        trigger (str): what made the rules run, for the report ("sample_input" or "first forward"). Defaults to
+            "sample_input".
 
     Returns:
         RulesReport: what was shared and quantized. Also stored as ``model.trt_qat_rules_report``.
@@ -370,22 +185,28 @@ def apply_rules(model: nn.Module, sample_input, skip=()) -> RulesReport:
     names = {}
     for name, m in model.named_modules():
         names.setdefault(id(m), name)
-    report = RulesReport(input_quantizers_before=_count_act_quantizers(model))
+    report = RulesReport(input_quantizers_before=count_act_quantizers(model), trigger=trigger)
 
-    plan = _Plan(trace(model, sample, names), names)
-    slots = slot_nodes(plan.rec)
+    plan = Plan(trace(model, sample, names), names)
+    restored = _restore_unused_layers(model, plan, report)
+    slots = [n for n in slot_nodes(plan.rec) if id(n.module) not in restored]
     _merge_same_scale(plan, slots)
     class_q = _share_group_quantizers(plan, slots, report)
     _count_shared_ops(plan, class_q, report)
-    sites, quantized_values = _quantize_residual_adds(model, plan, class_q, skip_patterns, report)
-    _follow_data_movement(plan, quantized_values)
-    _fold_input_quantizers(slots, quantized_values, report)
-    _install_output_quantizers(model, plan, sites, report)
+    sites = Sites()
+    quantize_residual_adds(model, plan, class_q, skip_patterns, report, sites)
+    quantize_matmul_inputs(model, plan, class_q, skip_patterns, report, sites)
+    follow_data_movement(plan, sites.values)
+    fold_input_quantizers(slots, sites.values, report)
+    if install(plan, sites, report):
+        model.register_forward_pre_hook(ResetCallCounters())
 
-    report.input_quantizers_after = _count_act_quantizers(model)
-    model.trt_qat_rules_input_shape = list(sample.shape) if isinstance(sample, torch.Tensor) else None
+    report.input_quantizers_after = count_act_quantizers(model)
+    report.input_shape = list(sample.shape) if isinstance(sample, torch.Tensor) else None
+    model.trt_qat_rules_input_shape = report.input_shape
     model.trt_qat_rules_report = report
-    LOG.info("placement rules: %d groups merged, %d concats, %d maxpools, %d resizes shared; %d residual adds "
-             "quantized, %d left alone", report.groups_merged, report.concats, report.maxpools, report.resizes,
-             report.adds_quantized, len(report.adds_left_alone))
+    LOG.info("placement rules (%s): %d groups merged, %d concats, %d maxpools, %d resizes shared; %d residual "
+             "adds quantized, %d left alone; %d attention matmuls INT8; %d layers that do not run in eval left "
+             "float", trigger, report.groups_merged, report.concats, report.maxpools, report.resizes,
+             report.adds_quantized, len(report.adds_left_alone), report.matmuls_quantized, len(report.left_float))
     return report

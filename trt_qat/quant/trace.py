@@ -33,6 +33,7 @@ RESIZE_FUNCS = frozenset({"interpolate", "upsample", "upsample_nearest", "upsamp
                           "upsample_nearest3d"})
 CONCAT_FUNCS = frozenset({"cat", "concat", "concatenate", "stack"})
 ADD_FUNCS = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__"})
+MATMUL_FUNCS = frozenset({"matmul", "__matmul__", "__rmatmul__", "bmm"})
 # pointwise functions TensorRT fuses into a conv epilogue (walked through to find the conv branch of an Add)
 EPILOGUE_FUNCS = frozenset({"relu", "relu_", "relu6", "silu", "silu_", "gelu", "sigmoid", "sigmoid_", "hardswish",
                             "hardswish_", "hardsigmoid", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_",
@@ -67,7 +68,8 @@ class Value:
 class Node:
     """One recorded call: an opaque module call or a torch function, with its input and output value indices."""
 
-    __slots__ = ("idx", "kind", "name", "module", "call", "inputs", "outputs", "scope", "args", "kwargs")
+    __slots__ = ("idx", "kind", "name", "module", "call", "inputs", "outputs", "scope", "args", "kwargs",
+                 "scope_module", "scope_call")
 
     def __init__(self, idx, kind, name, module, call, inputs, scope, args=None, kwargs=None):
         self.idx = idx
@@ -80,6 +82,8 @@ class Node:
         self.scope = scope
         self.args = args
         self.kwargs = kwargs
+        self.scope_module = None  # the module whose forward made this call, and that module's call index
+        self.scope_call = None
 
 
 def flatten(obj, pos=()):
@@ -95,14 +99,20 @@ def flatten(obj, pos=()):
 
 
 def is_opaque(module: nn.Module) -> bool:
-    """Modules recorded as one node: quantizers, quantized layers and leaf modules."""
+    """Modules recorded as one node: quantizers, quantized layers and leaf modules. A stateless leaf module that
+    is not torch's own (Ultralytics' ``Concat``: ``torch.cat`` in a module) is traced through instead, so the ops
+    it calls are seen (a Concat's inputs and output then share one scale)."""
     if isinstance(module, (TensorQuantizer, QuantizedUpstream)):
         return True
     if isinstance(module.__dict__.get("_modules", {}).get("_input_quantizer"), nn.Module):
         return True
     if isinstance(module.__dict__.get("_modules", {}).get("_weight_quantizer"), nn.Module):
         return True
-    return not module._modules
+    if module._modules:
+        return False
+    if type(module).__module__.split(".")[0] == "torch":
+        return True
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 # ------------------------------------------------------------------------------------------------ the trace
@@ -126,6 +136,8 @@ class Recorder(torch.overrides.TorchFunctionMode):
         self.stack = []  # (module, call, node or None, opaque)
         self.opaque_depth = 0
         self.returns = {}  # value index -> [(module, call, pos, boundary node index)]
+        self.outputs = []  # the value indices the model returns
+        self.positions = {}  # value index -> its position in the output of the function that produced it
         self.handles = []
 
     # -- values
@@ -147,6 +159,8 @@ class Recorder(torch.overrides.TorchFunctionMode):
         inputs = [self.value_of(t) for t in tensors]
         scope = self.names.get(id(self.stack[-1][0]), "") if self.stack else ""
         node = Node(idx, kind, name, module, call, inputs, scope, args, kwargs)
+        if self.stack:
+            node.scope_module, node.scope_call = self.stack[-1][0], self.stack[-1][1]
         self.nodes.append(node)
         for v in inputs:
             self.values[v].consumers.append(idx)
@@ -164,8 +178,9 @@ class Recorder(torch.overrides.TorchFunctionMode):
                 name = getattr(func, "__name__", str(func))
                 ins = [t for _, t in flatten((args, kwargs))]
                 node = self._add_node("function", name, None, None, ins, args, kwargs)
-                for _, t in outs:
+                for pos, t in outs:
                     node.outputs.append(self._new(t, node.idx, "op"))
+                    self.positions[node.outputs[-1]] = pos
         return out
 
     # -- modules
@@ -202,6 +217,8 @@ class Recorder(torch.overrides.TorchFunctionMode):
                 v = self.current.get(id(t))
                 if v is not None:
                     self.returns.setdefault(v, []).append((module, call, pos, len(self.nodes)))
+        if module is self.model:
+            self.outputs = [v for v in (self.current.get(id(t)) for _, t in flatten(output)) if v is not None]
         return None
 
     def install(self):
@@ -294,7 +311,7 @@ def _pad_is_zero(node) -> bool:
 
 
 def category(node) -> str:
-    """"move", "maxpool", "resize", "concat", "add" or "other"."""
+    """"move", "maxpool", "resize", "concat", "add", "matmul" or "other"."""
     if node.kind == "module":
         m = node.module
         if isinstance(m, MAXPOOL_MODULES):
@@ -319,6 +336,8 @@ def category(node) -> str:
         return "concat"
     if name in ADD_FUNCS:
         return "add"
+    if name in MATMUL_FUNCS:
+        return "matmul"
     return "other"
 
 

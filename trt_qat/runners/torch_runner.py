@@ -81,8 +81,9 @@ class TorchRunner(BaseRunner):
         return OrderedDict((n, t.detach().float().cpu().numpy()) for n, t in zip(names, outs))
 
 
-def torch_runner_from_checkpoint(path, name: str | None = None):
-    """A :class:`TorchRunner` for an FP32 (``trt-qat train``) or quantized (``calibrate``/``qat``) checkpoint.
+def torch_runner_from_checkpoint(path, name: str | None = None, family: str | None = None):
+    """A :class:`TorchRunner` for an FP32 (``trt-qat train``, or a model family's own ``.pt`` when ``family`` names
+    it) or quantized (``calibrate``/``qat``) checkpoint.
 
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
@@ -90,7 +91,7 @@ def torch_runner_from_checkpoint(path, name: str | None = None):
     from trt_qat.quant.checkpoint import load_model
     from trt_qat.quant.instrument import check_amax
 
-    model, _, quantized = load_model(path)
+    model, _, quantized = load_model(path, family)
     if quantized:  # an uncalibrated quantizer would silently run in float (or give NaN)
         check_amax(model, stage="running it")
     return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)" if quantized else "fp32"

@@ -95,6 +95,18 @@ class LossItems:
         self.epochs = [list(e) for e in state["epochs"]]
 
 
+class TrainingProgress:
+    """Loop hook: tell a loss whose gains follow the training schedule (``loss_fn.progress``, Ultralytics'
+    ``E2ELoss``) how far training is, at the start of every epoch: ``epoch / (epochs - 1)``."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    def on_epoch_start(self, loop):
+        if hasattr(self.loss_fn, "progress"):
+            self.loss_fn.progress = loop.epoch / max(loop.epochs - 1, 1)
+
+
 def last_checkpoint_path(out) -> Path:
     """Where :func:`train_fp32` keeps its resume state for best checkpoint ``out``: ``<out stem>.last.pt``."""
     out = Path(out)
@@ -112,7 +124,8 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
                optimizer: str = "sgd", eval_every: int | None = None, augment: bool = True,
                warmup_epochs: float = 2.0, lrf: float = 0.05, ema_decay: float | None = None,
                max_train_images: int | None = None, max_val_images: int | None = None,
-               threads: int | None = None, family: str | None = None, resume: bool = True) -> dict:
+               threads: int | None = None, family: str | None = None, resume: bool = True,
+               half: bool = False) -> dict:
     """Train a built-in detector from scratch in FP32 and keep the best checkpoint (by val mAP50-95).
 
     Args:
@@ -140,6 +153,9 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         family (str | None): the model family (:mod:`trt_qat.models.adapter`). Defaults to the built-in detector.
         resume (bool): continue a killed run of the same settings from ``<out>.last.pt`` (written after every
             epoch with the optimizer, EMA and random states, and removed when the run completes). Defaults to True.
+        half (bool): store the best checkpoint's floating-point tensors in FP16 (half the file; every stage loads
+            them back into an FP32 model). Training itself is FP32 either way, and a killed run resumes with or
+            without it. Defaults to False.
 
     Returns:
         dict: ``checkpoint``, ``best_epoch``, ``map50``, ``map50_95`` (of the best checkpoint), ``epochs``,
@@ -196,8 +212,8 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
         return {"score": metrics["map50_95"], "map50": metrics["map50"], "map50_95": metrics["map50_95"]}
 
     def save_best(_model, path, extra):
-        adapter.save(ema.ema, path, epoch=extra["epoch"] + 1, map50=extra["map50"], map50_95=extra["map50_95"],
-                     train_args=train_args)
+        adapter.save(copy.deepcopy(ema.ema).half() if half else ema.ema, path, epoch=extra["epoch"] + 1,
+                     map50=extra["map50"], map50_95=extra["map50_95"], train_args=train_args)
 
     def save_last(_model, path, extra):
         adapter.save(model, path, **extra)
@@ -208,18 +224,18 @@ def train_fp32(data_yaml, model_name: str = "yolo-n", epochs: int = 30, batch_si
                 "eval_every": eval_every, "max_train_images": max_train_images, "max_val_images": max_val_images,
                 "family": adapter.family}
     start = time.perf_counter()
-    result = fit(model, loader, loss_fn, opt, epochs=epochs, lr_at=lr_at, grad_clip=10.0, hooks=[ema, items],
+    result = fit(model, loader, loss_fn, opt, epochs=epochs, lr_at=lr_at, grad_clip=10.0,
+                 hooks=[ema, items, TrainingProgress(loss_fn)],
                  eval_fn=eval_fn, eval_every=eval_every, save_fn=save_last, save_best_fn=save_best, best_path=out,
                  last_path=last, resume=resume, fingerprint=run_fingerprint(settings, model),
                  restore_best=False, device=dev, desc="train", what="training")
     last.unlink(missing_ok=True)  # complete: nothing to resume
     seconds = time.perf_counter() - start
-    history = []
+    history, item_names = [], getattr(loss_fn, "item_names", ("box", "obj", "cls"))
     for record, mean_items in zip(result["history"], items.epochs):
         if "score" in record:
-            history.append({"epoch": record["epoch"], "loss": sum(mean_items), "box": mean_items[0],
-                            "obj": mean_items[1], "cls": mean_items[2], "map50": record["map50"],
-                            "map50_95": record["map50_95"]})
+            history.append({"epoch": record["epoch"], "loss": sum(mean_items), **dict(zip(item_names, mean_items)),
+                            "map50": record["map50"], "map50_95": record["map50_95"]})
     best = max(history, key=lambda h: h["map50_95"]) if history else {"epoch": 0, "map50": 0.0, "map50_95": 0.0}
     train_seconds = sum(record.get("seconds", 0.0) for record in result["history"])  # (a resumed run's own)
     result = {"checkpoint": str(Path(out)), "best_epoch": best["epoch"], "map50": best["map50"],

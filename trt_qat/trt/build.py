@@ -23,11 +23,11 @@ from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import atomic_write_bytes, atomic_write_json
 from trt_qat.onnx.io import has_qdq, load_onnx, onnx_inputs, onnx_opset
 from trt_qat.trt.metadata import METADATA_FORMAT, file_sha256, metadata_path
-from trt_qat.trt.plan import check_precision, default_engine_name, plan_build
+from trt_qat.trt.plan import SPARSITY_MODES, check_precision, default_engine_name, plan_build
 from trt_qat.trt.profile import resolve_profile
 from trt_qat.trt.util import gpu_info, import_tensorrt
 
-__all__ = ["build_engine"]
+__all__ = ["build_engine", "count_2_4_convs", "force_2_4_onnx"]
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -39,11 +39,22 @@ def _one_line(text: str, limit: int = 400) -> str:
 class _Validated:
     """The CPU-side facts about one build request."""
 
-    def __init__(self, onnx_path, precision, shapes, min_shapes, opt_shapes, max_shapes, batch):
+    def __init__(self, onnx_path, precision, shapes, min_shapes, opt_shapes, max_shapes, batch, sparsity="disable"):
         self.onnx_path = Path(onnx_path)
         model = load_onnx(self.onnx_path)
         self.has_qdq = has_qdq(model)
         self.precision = check_precision(precision, self.has_qdq)
+        self.sparsity = str(sparsity).lower()
+        if self.sparsity not in SPARSITY_MODES:
+            raise TrtQatError(f"unknown --sparsity '{sparsity}'; use one of {', '.join(SPARSITY_MODES)}")
+        if self.sparsity == "enable":
+            sparse, convs = count_2_4_convs(model)
+            if not sparse:
+                LOG.warning("--sparsity enable, but none of the %d convs of '%s' holds 2:4 weights: TensorRT will "
+                            "pick no sparse kernel; run `trt-qat sparsify` (then QAT and export) first, or use "
+                            "--sparsity force to measure the speed ceiling", convs, self.onnx_path)
+            else:
+                LOG.info("%d of %d convs hold 2:4 weights", sparse, convs)
         self.opset = onnx_opset(model)
         if self.has_qdq and self.opset < 13:
             raise TrtQatError(f"'{self.onnx_path}' has Q/DQ nodes at opset {self.opset}; TensorRT needs opset >= 13 "
@@ -65,7 +76,7 @@ def build_engine(onnx_path, engine_path=None, precision: str = "int8", fp16_fall
                  workspace_mib: int | None = None, timing_cache: str | None = "engines/timing.cache",
                  builder_optimization_level: int | None = None, dla_core: int | None = None,
                  allow_gpu_fallback: bool = False, strongly_typed: bool | None = None, verbose: bool = False,
-                 *, min_shapes=None, opt_shapes=None, max_shapes=None, batch=None) -> Path:
+                 *, min_shapes=None, opt_shapes=None, max_shapes=None, batch=None, sparsity: str = "disable") -> Path:
     """Build and save a TensorRT engine (and its ``<engine>.json`` metadata).
 
     Args:
@@ -86,6 +97,8 @@ def build_engine(onnx_path, engine_path=None, precision: str = "int8", fp16_fall
         verbose (bool): TensorRT's verbose log. Defaults to False.
         min_shapes, opt_shapes, max_shapes (str | None): trtexec-style shape flags instead of ``shapes``.
         batch (str | tuple | None): ``MIN:OPT:MAX`` batch range instead of ``shapes``.
+        sparsity (str): "disable", "enable" (``BuilderFlag.SPARSE_WEIGHTS``; a warning when no conv holds 2:4) or
+            "force" (weights rewritten to 2:4 first: speed ceiling only). Defaults to "disable".
 
     Returns:
         Path: the engine file.
@@ -98,11 +111,12 @@ def build_engine(onnx_path, engine_path=None, precision: str = "int8", fp16_fall
         raise TrtQatError(f"--workspace must be a positive number of MiB, got {workspace_mib}")
     if builder_optimization_level is not None and not 0 <= int(builder_optimization_level) <= 5:
         raise TrtQatError(f"--builderOptimizationLevel must be 0..5, got {builder_optimization_level}")
-    v = _Validated(onnx_path, precision, shapes, min_shapes, opt_shapes, max_shapes, batch)
+    v = _Validated(onnx_path, precision, shapes, min_shapes, opt_shapes, max_shapes, batch, sparsity)
 
     trt = import_tensorrt()
     plan = plan_build(trt.__version__, v.precision, v.has_qdq, strongly_typed=strongly_typed,
-                      fp16_fallback=fp16_fallback, dla_core=dla_core, allow_gpu_fallback=allow_gpu_fallback)
+                      fp16_fallback=fp16_fallback, dla_core=dla_core, allow_gpu_fallback=allow_gpu_fallback,
+                      sparsity=v.sparsity)
     for note in plan.notes:
         LOG.info("%s", note)
     gpu = gpu_info()
@@ -124,10 +138,12 @@ def build_engine(onnx_path, engine_path=None, precision: str = "int8", fp16_fall
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="trt_qat_build_") as tmpdir:
         parse_path = v.onnx_path
+        if plan.force_2_4_weights:
+            parse_path = force_2_4_onnx(v.onnx_path, Path(tmpdir) / (v.onnx_path.stem + "_2of4.onnx"))
         if plan.convert_onnx_to_fp16:
             from trt_qat.onnx.fp16 import convert_to_fp16
 
-            parse_path = convert_to_fp16(v.onnx_path, Path(tmpdir) / (v.onnx_path.stem + "_fp16.onnx"))
+            parse_path = convert_to_fp16(parse_path, Path(tmpdir) / (v.onnx_path.stem + "_fp16.onnx"))
         if not parser.parse_from_file(str(parse_path)):
             errors = [_one_line(parser.get_error(i)) for i in range(parser.num_errors)]
             raise TrtQatError(f"TensorRT {trt.__version__} cannot parse '{v.onnx_path}': "
@@ -202,3 +218,54 @@ def build_engine(onnx_path, engine_path=None, precision: str = "int8", fp16_fall
     atomic_write_json(metadata_path(engine_path), meta)
     LOG.info("wrote %s (%.1f MiB) in %.1f s", engine_path, len(engine_bytes) / 2**20, build_seconds)
     return engine_path
+
+
+def count_2_4_convs(model) -> tuple:
+    """``(convs whose weights hold 2:4 as TensorRT sees them, all convs)`` of ONNX ``model`` (a ModelProto)."""
+    from trt_qat.onnx.lint.checks_sparsity import conv_weight_values, weights_hold_2_4
+    from trt_qat.onnx.lint.graph import LintGraph
+
+    g = LintGraph(model)
+    convs = [n for n in g.nodes if n.op == "Conv" and len(n.inputs) > 1 and int(g.attr(n, "group", 1)) == 1]
+    sparse = sum(1 for n in convs if (w := conv_weight_values(g, n)) is not None and weights_hold_2_4(w))
+    return sparse, len(convs)
+
+
+def force_2_4_onnx(src, dst) -> Path:
+    """Write ``src`` to ``dst`` with the float weight constant of every Conv (groups 1, input channels a multiple of
+    4; directly or behind QuantizeLinear) zeroed to the magnitude 2:4 pattern, as trtexec's ``--sparsity=force``
+    does. Only for measuring the speed ceiling: the accuracy is lost."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    model = load_onnx(Path(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    forced = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        if any(a.name == "group" and a.i != 1 for a in node.attribute):
+            continue
+        name = node.input[1]
+        for _ in range(3):  # Conv <- DQ <- Q <- float weight
+            if name in inits:
+                break
+            prod = producers.get(name)
+            name = prod.input[0] if prod is not None and prod.op_type in ("DequantizeLinear", "QuantizeLinear") else ""
+        w = numpy_helper.to_array(inits[name]) if name in inits else None
+        if w is None or w.dtype.kind != "f" or w.ndim < 2 or w.shape[1] % 4:
+            continue
+        moved = np.moveaxis(w, 1, -1)
+        groups = moved.reshape(*moved.shape[:-1], w.shape[1] // 4, 4)
+        order = np.argsort(-np.abs(groups), axis=-1, kind="stable")
+        mask = np.zeros(groups.shape, dtype=bool)
+        np.put_along_axis(mask, order[..., :2], True, axis=-1)
+        sparse = np.moveaxis((groups * mask).reshape(moved.shape), -1, 1).astype(w.dtype)
+        inits[name].CopyFrom(numpy_helper.from_array(sparse, name))
+        forced += 1
+    LOG.warning("--sparsity force: %d conv weights rewritten to 2:4; the engine's accuracy is lost", forced)
+    import onnx
+
+    onnx.save(model, str(dst))
+    return Path(dst)

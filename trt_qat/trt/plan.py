@@ -21,9 +21,12 @@ from dataclasses import asdict, dataclass, field
 from trt_qat.errors import TrtQatError
 
 __all__ = ["BuildPlan", "parse_trt_version", "plan_build", "check_precision", "default_engine_name", "sanitize_name",
-           "PRECISIONS"]
+           "PRECISIONS", "SPARSITY_MODES"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
+#: trtexec's --sparsity values: no sparse kernels; sparse kernels where the weights hold 2:4
+#: (``BuilderFlag.SPARSE_WEIGHTS``); or the weights forced to 2:4 first (speed ceiling only: accuracy is lost)
+SPARSITY_MODES = ("disable", "enable", "force")
 
 #: first 10.x minor release in which the precision BuilderFlags are deprecated
 _FLAGS_DEPRECATED = (10, 12, 0)
@@ -47,6 +50,8 @@ class BuildPlan:
         exec_api (str): "v2" (``execute_async_v2`` + bindings) or "v3" (``execute_async_v3`` + tensor addresses).
         dla_core (int | None): DLA core, or None for the GPU.
         notes (list[str]): human-readable remarks on the choices made.
+        sparsity (str): "disable", "enable" or "force" (see :data:`SPARSITY_MODES`).
+        force_2_4_weights (bool): rewrite the ONNX's conv weights to 2:4 (magnitude) before parsing ("force").
     """
 
     trt_version: tuple
@@ -58,6 +63,8 @@ class BuildPlan:
     exec_api: str = "v3"
     dla_core: int | None = None
     notes: list = field(default_factory=list)
+    sparsity: str = "disable"
+    force_2_4_weights: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,7 +114,7 @@ def check_precision(precision: str, has_qdq: bool) -> str:
 
 def plan_build(trt_version, precision: str, has_qdq: bool, strongly_typed: bool | None = None,
                fp16_fallback: bool = True, dla_core: int | None = None,
-               allow_gpu_fallback: bool = False) -> BuildPlan:
+               allow_gpu_fallback: bool = False, sparsity: str = "disable") -> BuildPlan:
     """Choose network flags, builder flags and ONNX preparation for one build.
 
     Args:
@@ -119,6 +126,11 @@ def plan_build(trt_version, precision: str, has_qdq: bool, strongly_typed: bool 
         fp16_fallback (bool): for int8, run the layers Q/DQ leaves unquantized in FP16. Defaults to True.
         dla_core (int | None): build for this DLA core (Jetson). Defaults to None (GPU).
         allow_gpu_fallback (bool): let layers DLA cannot run fall back to the GPU. Defaults to False.
+        sparsity (str): "disable" (dense kernels only), "enable" (``BuilderFlag.SPARSE_WEIGHTS``: sparse tensor-core
+            kernels where the weights hold 2:4 and are faster) or "force" (the conv weights are first rewritten to
+            2:4, as trtexec's ``--sparsity=force`` does: for measuring the speed ceiling, the accuracy is lost).
+            The flag is an optimization flag, not a precision flag, so it is set on every supported version, strongly
+            typed networks included. Defaults to "disable".
 
     Returns:
         BuildPlan: the plan.
@@ -198,6 +210,21 @@ def plan_build(trt_version, precision: str, has_qdq: bool, strongly_typed: bool 
     elif allow_gpu_fallback:
         notes.append("--allowGPUFallback has no effect without --useDLACore")
 
+    # --- 2:4 sparsity --------------------------------------------------------------------------------------
+    sparsity = str(sparsity).lower()
+    if sparsity not in SPARSITY_MODES:
+        raise TrtQatError(f"unknown --sparsity '{sparsity}'; use one of {', '.join(SPARSITY_MODES)}")
+    if sparsity != "disable":
+        builder_flags.append("SPARSE_WEIGHTS")
+        if precision == "fp32":
+            notes.append("sparse tensor-core kernels are FP16/INT8 (TF32 at best): an FP32 build gains little from "
+                         "--sparsity")
+        if sparsity == "force":
+            notes.append("--sparsity force: conv weights are rewritten to 2:4 before the build; the engine's "
+                         "accuracy is lost, use it only to measure the speed ceiling")
+        if dla_core is not None:
+            notes.append("DLA has no sparse kernels: only the layers on the GPU can use 2:4")
+
     network_flags: list[str] = []
     if major == 8:
         network_flags.append("EXPLICIT_BATCH")
@@ -207,7 +234,8 @@ def plan_build(trt_version, precision: str, has_qdq: bool, strongly_typed: bool 
     return BuildPlan(trt_version=ver, precision=precision, builder_flags=builder_flags, strongly_typed=typed,
                      network_flags=network_flags, convert_onnx_to_fp16=convert,
                      exec_api="v2" if major == 8 else "v3",
-                     dla_core=None if dla_core is None else int(dla_core), notes=notes)
+                     dla_core=None if dla_core is None else int(dla_core), notes=notes, sparsity=sparsity,
+                     force_2_4_weights=sparsity == "force")
 
 
 def sanitize_name(text: str) -> str:

@@ -49,11 +49,13 @@ def check_weighted(ctx):
         if not wt_q:
             reasons.append(f"{wt_word} not quantized")
         reason = ", ".join(reasons)
+        declared = ctx.declared_reason(node) if skipped else None
         float_layers.append({"node": g.name(node), "op": node.op, "macs": macs, "reason": reason,
-                             "skipped": skipped})
+                             "skipped": skipped, **({"why": declared} if declared else {})})
         if skipped:
             skipped_float += macs
-            ctx.add("info", "float-by-choice", node, f"left in float on purpose ({reason}, {macs:,} MACs)", "")
+            ctx.add("info", "float-by-choice", node, f"left in float on purpose ({declared or reason}, {macs:,} MACs)",
+                    "")
             continue
         fix = []
         if not act_q:

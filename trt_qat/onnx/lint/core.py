@@ -5,7 +5,7 @@ import re
 
 from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import require_file
-from trt_qat.onnx.io import load_onnx
+from trt_qat.onnx.io import declared_float_layers, load_onnx
 from trt_qat.onnx.lint.checks_layers import check_weighted
 from trt_qat.onnx.lint.checks_nodes import check_opset, check_qdq_nodes
 from trt_qat.onnx.lint.checks_scales import (
@@ -15,6 +15,7 @@ from trt_qat.onnx.lint.checks_scales import (
     check_multi_scale_tensors,
     check_requantize_chains,
 )
+from trt_qat.onnx.lint.checks_sparsity import DEFAULT_MIN_CHANNELS, check_sparsity
 from trt_qat.onnx.lint.report import MISMATCH_CODES, Finding, LintReport
 from trt_qat.onnx.lint.walks import SCALE_SHARING_OPS, QdqGraph
 
@@ -30,21 +31,30 @@ class LintContext:
     Args:
         model (onnx.ModelProto): the model.
         skip_nodes (list[str] | None): regular expressions of node names left in float on purpose.
+        sparsity_min_channels (int): the channel count from which a 2:4 conv counts as ready for sparse kernels.
+            Defaults to 256.
 
     Raises:
         re.error: when a skip pattern is not a valid regular expression.
     """
 
-    def __init__(self, model, skip_nodes):
+    def __init__(self, model, skip_nodes, sparsity_min_channels: int = DEFAULT_MIN_CHANNELS):
         self.model = model
+        self.sparsity_min_channels = int(sparsity_min_channels)
         self.g = QdqGraph(model)
-        self.skip = [re.compile(p) for p in (skip_nodes or [])]
+        self.declared = {re.compile(p): why for p, why in declared_float_layers(model).items()}
+        self.skip = [*(re.compile(p) for p in (skip_nodes or [])), *self.declared]
         self.findings = []
         self.stats = {}
 
     def add(self, severity, code, node, message, fix=""):
         """Record a finding about ``node`` (an onnx-graphsurgeon Node)."""
         self.findings.append(Finding(severity, code, self.g.name(node), message, fix, node.op))
+
+    def declared_reason(self, node) -> str | None:
+        """The reason the ONNX's metadata gives for keeping ``node`` in float (the model family's choice), if any."""
+        name = self.g.name(node)
+        return next((why for p, why in self.declared.items() if p.search(name)), None)
 
     def is_skipped(self, node) -> bool:
         name = self.g.name(node)
@@ -64,6 +74,7 @@ class LintContext:
             self.stats["shape_inference"] = f"failed: {type(exc).__name__}"
         check_qdq_nodes(self)
         check_weighted(self)
+        check_sparsity(self, self.sparsity_min_channels)
         has_qdq = self.stats.get("quantize_nodes", 0) + self.stats.get("dequantize_nodes", 0) > 0
         if has_qdq:
             for node in self.g.nodes:
@@ -105,7 +116,7 @@ def _model_and_name(model_or_path):
     return model, str(path)
 
 
-def lint_onnx(model_or_path, skip_nodes=None) -> LintReport:
+def lint_onnx(model_or_path, skip_nodes=None, sparsity_min_channels: int = DEFAULT_MIN_CHANNELS) -> LintReport:
     """Lint the Q/DQ placement of an ONNX model for TensorRT explicit quantization.
 
     Args:
@@ -113,6 +124,8 @@ def lint_onnx(model_or_path, skip_nodes=None) -> LintReport:
         skip_nodes (list[str]): regular expressions (``re.search`` on node names) of weighted layers left in
             float on purpose; they are reported as ``float-by-choice`` and excluded from
             ``int8_coverage_excluding_skipped``. Defaults to None (no layer skipped).
+        sparsity_min_channels (int): convs with fewer input or output channels do not count as 2:4-ready
+            (``stats["sparsity"]``). Defaults to 256.
 
     Returns:
         LintReport: the findings and statistics (``int8_coverage``, ``scale_mismatches``,
@@ -123,7 +136,7 @@ def lint_onnx(model_or_path, skip_nodes=None) -> LintReport:
     """
     model, name = _model_and_name(model_or_path)
     try:
-        ctx = LintContext(model, skip_nodes)
+        ctx = LintContext(model, skip_nodes, sparsity_min_channels)
     except re.error as exc:
         raise TrtQatError(f"invalid --skip regular expression ({exc}); quote it and escape special characters") \
             from None

@@ -82,18 +82,38 @@ class LintReport:
                  f", {s.get('requantize_chains', 0)} requantize chains"
                  f", {s.get('reformat_sites', 0)} predicted requantize/reformat sites"
                  f", {len(self.errors)} errors, {len(self.warnings)} warnings")
+        sp = s.get("sparsity") or {}
+        if sp.get("holding_2_4"):  # (said only when some conv holds 2:4: dense models keep their one line)
+            ready = sp.get("ready_fraction")
+            text += (f", 2:4-ready {sp['ready']}/{sp['convs']} convs"
+                     f" ({'n/a' if ready is None else f'{100 * ready:.1f}%'} of conv MACs)")
         return text
+
+    def format_sparsity(self) -> str:
+        """One line per conv: whether its weights hold 2:4 and whether it is large enough for sparse kernels."""
+        sp = self.stats.get("sparsity") or {}
+        lines = [f"2:4 sparsity (ready: holds 2:4 and >= {sp.get('min_channels')} input and output channels):"]
+        for la in sp.get("layers", []):
+            pattern = "2:4" if la["holds_2_4"] else ("dense" if la["weights_known"] else "weights unknown")
+            size = "large enough" if la["large_enough"] else "too small"
+            lines.append(f"  {la['node']}: {la['in_channels']}->{la['out_channels']} ch, {pattern}, {size}, "
+                         f"{la['macs']:,} MACs")
+        ready = sp.get("ready_fraction")
+        lines.append(f"  {sp.get('ready', 0)} of {sp.get('convs', 0)} convs 2:4-ready: "
+                     f"{'n/a' if ready is None else f'{100 * ready:.1f}%'} of conv MACs")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "summary": self.summary(), "stats": self.stats,
                 "findings": [f.to_dict() for f in self.findings]}
 
-    def format_table(self, show_int8: bool = False, width: int = 48) -> str:
+    def format_table(self, show_int8: bool = False, width: int = 48, show_sparsity: bool | None = None) -> str:
         """Render the findings as a text table (severity, node, op, finding, fix) followed by the summary.
 
         Args:
             show_int8 (bool): also list the ``int8-eligible`` rows of healthy layers. Defaults to False.
             width (int): wrap width of the finding and fix columns. Defaults to 48.
+            show_sparsity (bool | None): list every conv's 2:4 state. Defaults to doing so when some conv holds 2:4.
         """
         order = {sev: i for i, sev in enumerate(SEVERITIES)}
         rows = [f for f in self.findings if show_int8 or f.code != "int8-eligible"]
@@ -126,6 +146,9 @@ class LintReport:
             for layer in float_layers:
                 tag = " [skipped on purpose]" if layer["skipped"] else ""
                 lines.append(f"  {layer['node']} ({layer['op']}): {layer['macs']:,} MACs, {layer['reason']}{tag}")
+        if show_sparsity or (show_sparsity is None and (self.stats.get("sparsity") or {}).get("holding_2_4")):
+            lines.append("")
+            lines.append(self.format_sparsity())
         lines.append("")
         lines.append(self.summary())
         return "\n".join(lines)
