@@ -5,7 +5,7 @@ trt_qat scores every backend with one path: square letterbox to ``imgsz``, the f
 (``rect``, the batch's aspect ratio rounded up to the stride), runs its own NMS and computes mAP with its own
 101-point interpolation. This script runs both on one checkpoint and prints the two mAPs and their difference, then
 the same with Ultralytics forced to square batches where its API allows it, then a decomposition: each step of our
-path (metric, box mapping back to the original image, pre-processing, NMS) replaced by Ultralytics' one at a time,
+path (metric, pre-processing, NMS) replaced by Ultralytics' one at a time,
 and Ultralytics' own ``predictions.json`` scored by our pycocotools path, so the difference can be attributed.
 
     python benchmarks/ultralytics_val.py --checkpoint weights/yolov8n_digits-det.pt \
@@ -112,18 +112,6 @@ def _ap_per_class(gt: dict, dets) -> tuple:
     return float(ap[:, 0].mean()), float(ap.mean())
 
 
-def _actual_scale_to_orig(boxes, meta):
-    """Letterboxed -> original pixels with the scale the image really got per axis (``round(w * ratio) / w``,
-    ``round(h * ratio) / h``), not the single unrounded ``ratio`` trt_qat's ``scale_boxes_to_original`` uses."""
-    h, w = meta["orig_shape"]
-    r, (pw, ph) = meta["ratio"], meta["pad"]
-    rw, rh = max(1, round(w * r)) / w, max(1, round(h * r)) / h
-    b = boxes.clone()
-    b[:, [0, 2]] = ((b[:, [0, 2]] - pw) / rw).clamp(0, w)
-    b[:, [1, 3]] = ((b[:, [1, 3]] - ph) / rh).clamp(0, h)
-    return b
-
-
 def decomposition(model, adapter, data: str, imgsz: int, batch: int, iou: float) -> dict:
     """Each difference between the two evaluators, switched on one at a time on the same model (mAP50, mAP50-95)."""
     from ultralytics.utils import nms, ops
@@ -155,9 +143,7 @@ def decomposition(model, adapter, data: str, imgsz: int, batch: int, iou: float)
     rows = {
         "ours": _pycoco(gt, base),
         "metric": _ap_per_class(gt, base),
-        "mapping": _pycoco(gt, _detect(model, ours_items, our_decode, _actual_scale_to_orig, batch)),
         "nms": _pycoco(gt, _detect(model, ours_items, ul_decode, our_to_orig, batch)),
-        "mapping_nms": _pycoco(gt, _detect(model, ours_items, ul_decode, _actual_scale_to_orig, batch)),
         "preprocess": _pycoco(gt, _detect(model, ul_items, our_decode, ul_to_orig, batch)),
     }
     ul_all = _detect(model, ul_items, ul_decode, ul_to_orig, batch)
@@ -256,11 +242,9 @@ def main(argv=None):
     for key, step, dets, metric in (
             ("ours", "none (trt_qat's evaluate path)", "ours", "pycocotools"),
             ("metric", "metric", "ours (the same)", "Ultralytics ap_per_class"),
-            ("mapping", "box mapping: actual per-axis scale round(w·r)/w", "ours, remapped", "pycocotools"),
             ("preprocess", "pre-processing: Ultralytics' cv2 resize + LetterBox (its per-axis mapping)", "our NMS",
              "pycocotools"),
             ("nms", "NMS: Ultralytics multi_label=True (a box per class > conf)", "ours + multi-label", "pycocotools"),
-            ("mapping_nms", "box mapping + multi-label NMS", "ours, both changed", "pycocotools"),
             ("all_pycoco", "all of Ultralytics' steps but the metric", "Ultralytics'", "pycocotools"),
             ("their_json_pycoco", "model.val(save_json) predictions.json", "Ultralytics' own", "pycocotools"),
             ("all_ap_per_class", "all of Ultralytics' steps", "Ultralytics'", "Ultralytics ap_per_class")):

@@ -161,13 +161,16 @@ def test_letterbox_round_trip(shape, new_shape):
         assert (out[:, 0] == 114).all() and (out[:, -1] == 114).all()
     if ph >= 1:
         assert (out[0] == 114).all() and (out[-1] == 114).all()
-    assert abs(shape[1] * ratio + 2 * pw - ow) <= 1.5 and abs(shape[0] * ratio + 2 * ph - oh) <= 1.5
+    rw, rh = ratio  # the scale each axis really got: the resized image is exactly w * rw by h * rh pixels
+    assert abs(shape[1] * rw + 2 * pw - ow) <= 1.0 and abs(shape[0] * rh + 2 * ph - oh) <= 1.0
+    assert float(shape[1] * rw).is_integer() or abs(shape[1] * rw - round(shape[1] * rw)) < 1e-9
+    assert ow - 2 * pw - shape[1] * rw in (0.0, 1.0) and oh - 2 * ph - shape[0] * rh in (0.0, 1.0)
     boxes = np.array([[3.0, 5.0, 40.0, 30.0], [0.0, 0.0, shape[1], shape[0]], [10.5, 7.25, 20.0, 49.0]])
     boxes = np.minimum(boxes, [shape[1], shape[0], shape[1], shape[0]])
-    lb = boxes * ratio + np.array([pw, ph, pw, ph])
+    lb = boxes * np.array([rw, rh, rw, rh]) + np.array([pw, ph, pw, ph])
     assert (lb >= -1e-6).all() and (lb[:, [0, 2]] <= ow + 1e-6).all() and (lb[:, [1, 3]] <= oh + 1e-6).all()
     back = scale_boxes_to_original(lb, ratio, (pw, ph), shape)
-    assert np.abs(back - boxes).max() <= 1.0
+    assert np.abs(back - boxes).max() <= 1e-9  # exact: each axis is divided by the scale it got
     back_t = scale_boxes_to_original(torch.tensor(lb, dtype=torch.float32), ratio, (pw, ph), shape)
     assert isinstance(back_t, torch.Tensor) and torch.allclose(back_t.double(), torch.tensor(back), atol=1e-3)
 
@@ -389,7 +392,7 @@ def test_coco_dataset(tmp_path):
     assert len(ds) == 2 and ds.coco_image_ids == [42, 7]
     img, labels, meta = ds[0]
     assert img.shape == (3, 64, 64) and meta["orig_shape"] == (60, 80)
-    assert labels.shape == (1, 5) and meta["ratio"] == pytest.approx(0.8) and meta["pad"] == (0.0, 8.0)
+    assert labels.shape == (1, 5) and meta["ratio"] == pytest.approx((0.8, 0.8)) and meta["pad"] == (0.0, 8.0)
     assert labels[0].tolist() == pytest.approx([1.0, 25 * 0.8 / 64, (27.5 * 0.8 + 8) / 64, 30 * 0.8 / 64,
                                                 15 * 0.8 / 64], abs=1e-5)
     gt = ds.coco_ground_truth()

@@ -71,6 +71,16 @@ def test_sparsify_and_finetune_with_masks(tiny_digits_yaml, fp32_path, tmp_path,
     layers = read_checkpoint(out)["sparsity_2_4"]["layers"]
     modules = dict(model.named_modules())
     assert layers and all(holds_2_4(modules[n].weight) for n in layers)  # fine-tuning kept the masks
+    # and `trt-qat calibrate` -> `trt-qat qat` keeps them too (the qat command re-applies the weights' own pattern)
+    calib, qat = tmp_path / "calib", tmp_path / "qat"
+    assert main(["calibrate", "--checkpoint", str(out), "--data", str(tiny_digits_yaml), "--imgsz", "64",
+                 "--out", str(calib)]) == 0
+    assert main(["qat", "--checkpoint", str(calib / "quantized.pt"), "--data", str(tiny_digits_yaml), "--imgsz",
+                 "64", "--epochs", "1", "--max-steps", "2", "--batch-size", "4", "--lr", "0.01",
+                 "--out", str(qat)]) == 0
+    weights = read_checkpoint(qat / "best.pt")["state_dict"]  # (what export reads)
+    changed = [n for n in layers if not torch.equal(weights[f"{n}.weight"].float(), modules[n].weight.float())]
+    assert changed and all(holds_2_4(weights[f"{n}.weight"]) for n in layers)  # trained, and still 2:4
 
 
 @pytest.mark.parametrize("argv, msg", [

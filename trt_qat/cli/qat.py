@@ -63,6 +63,7 @@ def main(argv=None):
     from trt_qat.fileio import check_not_input, output_lock
     from trt_qat.measure.evaluate import evaluate
     from trt_qat.models.adapter import adapter_for_model, load_fp32
+    from trt_qat.prune.sparsity import sparsity_hook
     from trt_qat.quant.checkpoint import load_quantized
     from trt_qat.runners.torch_runner import TorchRunner
     from trt_qat.train.distill import held_out_distill_score, make_distill, split_held_out
@@ -114,9 +115,11 @@ def main(argv=None):
                 held = build_dataloader(val, batch_size=args.batch_size)
                 eval_fn = lambda m: held_out_distill_score(m, loss_fn, teacher, held)  # noqa: E731
                 score = "held-out distillation loss"
+        # a 2:4-sparse checkpoint (trt-qat sparsify) stays 2:4: every conv whose weights hold the pattern keeps it
+        masks = sparsity_hook(model, min_channels=1)
         result = finetune(model, loader, loss_fn, config=cfg, checkpoint_dir=out, resume=not args.no_resume,
                           fingerprint=fingerprint, eval_fn=eval_fn, teacher=teacher,
-                          higher_is_better=not args.images)
+                          higher_is_better=not args.images, extra_hooks=[masks] if masks else ())
         if rank == 0:
             print(f"QAT done: best {score} {result['best_score']:.4g} at epoch {result['best_epoch']} -> "
                   f"{out / 'best.pt'}" + (f" ({world} processes)" if world > 1 else ""))

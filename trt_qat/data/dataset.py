@@ -101,7 +101,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         img, ratio, pad = letterbox(img0, self.imgsz)
         out_h, out_w = img.shape[:2]
         labels = self.labels[i]
-        boxes = xywhn_to_xyxy(labels[:, 1:5], w0 * ratio, h0 * ratio, pad[0], pad[1])
+        boxes = xywhn_to_xyxy(labels[:, 1:5], w0 * ratio[0], h0 * ratio[1], pad[0], pad[1])
         cls = labels[:, 0].astype(np.float64)
         if self.augment:
             img, boxes, cls = _augment(img, boxes, cls)
@@ -109,7 +109,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         target = np.concatenate([cls[:, None], xywhn], axis=1).astype(np.float32).reshape(-1, 5)
         img_t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255.0)
         meta = {"image_id": int(i), "path": str(self.image_paths[i]), "orig_shape": (int(h0), int(w0)),
-                "ratio": float(ratio), "pad": (float(pad[0]), float(pad[1]))}
+                "ratio": (float(ratio[0]), float(ratio[1])), "pad": (float(pad[0]), float(pad[1]))}
         return img_t, torch.from_numpy(target), meta
 
     # -- evaluation

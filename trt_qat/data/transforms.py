@@ -26,8 +26,10 @@ def letterbox(img: np.ndarray, new_shape=128, color=114):
         color (int | tuple[int, int, int]): Padding value. Defaults to 114.
 
     Returns:
-        tuple: ``(img_out, ratio, (pad_w, pad_h))`` where a point ``(x, y)`` of the input maps to
-        ``(x * ratio + pad_w, y * ratio + pad_h)`` in the output.
+        tuple: ``(img_out, (ratio_w, ratio_h), (pad_w, pad_h))`` where a point ``(x, y)`` of the input maps to
+        ``(x * ratio_w + pad_w, y * ratio_h + pad_h)`` in the output. The two ratios are the scales each axis
+        actually got (``new_w / w`` and ``new_h / h``, after rounding the resized size to whole pixels), so boxes map
+        back exactly; they differ from each other by less than a pixel's worth.
     """
     from PIL import Image
 
@@ -47,7 +49,7 @@ def letterbox(img: np.ndarray, new_shape=128, color=114):
     out = np.empty(shape, dtype=np.uint8)
     out[...] = fill if img.ndim == 3 or fill.ndim == 0 else fill.flat[0]
     out[top:top + new_h, left:left + new_w] = img
-    return out, float(ratio), (float(left), float(top))
+    return out, (new_w / w, new_h / h), (float(left), float(top))
 
 
 def scale_boxes_to_original(boxes_xyxy, ratio: float, pad, orig_shape):
@@ -55,7 +57,8 @@ def scale_boxes_to_original(boxes_xyxy, ratio: float, pad, orig_shape):
 
     Args:
         boxes_xyxy (np.ndarray | torch.Tensor): [N,4] (or [N,>=4]: only the first 4 columns are changed).
-        ratio (float): Letterbox scale, as returned by :func:`letterbox`.
+        ratio (float | tuple[float, float]): Letterbox scale: ``(ratio_w, ratio_h)`` as returned by
+            :func:`letterbox`, or one scale for both axes.
         pad (tuple[float, float]): ``(pad_w, pad_h)`` as returned by :func:`letterbox`.
         orig_shape (tuple[int, int]): Original ``(h, w)``.
 
@@ -67,8 +70,9 @@ def scale_boxes_to_original(boxes_xyxy, ratio: float, pad, orig_shape):
     out = boxes_xyxy.clone() if hasattr(boxes_xyxy, "clone") else np.array(boxes_xyxy, dtype=np.float64, copy=True)
     if out.shape[0] == 0:
         return out
-    out[:, [0, 2]] = ((out[:, [0, 2]] - pad_w) / ratio).clip(0.0, w)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - pad_h) / ratio).clip(0.0, h)
+    ratio_w, ratio_h = (float(ratio), float(ratio)) if np.ndim(ratio) == 0 else (float(ratio[0]), float(ratio[1]))
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad_w) / ratio_w).clip(0.0, w)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad_h) / ratio_h).clip(0.0, h)
     return out
 
 

@@ -334,7 +334,7 @@ class YoloDataset(DetectionDataset):
 
     ``ds[i]`` is ``(img, labels, meta)``: ``img`` float32 [3,H,W] in 0..1, ``labels`` float32 [n,5]
     (cls, cx, cy, w, h) normalized to the letterboxed image, ``meta`` = dict(image_id, path, orig_shape (h, w),
-    ratio, pad (pad_w, pad_h)).
+    ratio (ratio_w, ratio_h), pad (pad_w, pad_h)).
 
     Args:
         data (str | Path | dict): ``data.yaml`` path or a mapping as returned by :func:`load_data_yaml`.
