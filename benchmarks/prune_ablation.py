@@ -137,6 +137,8 @@ def main(argv=None) -> int:
         data_yaml = generate_digits_det(data_yaml.parent)
     fp32, adapter = load_fp32(cfg.model.checkpoint, cfg.model.family)
     fp32.eval()
+    if cfg.data.imgsz is None:  # (as the pipeline: the checkpoint's training size)
+        cfg.data.imgsz = int(getattr(fp32, "trt_qat_imgsz", None) or 128)
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
     val = adapter.dataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
     calib_ds = adapter.dataset(data_yaml, cfg.data.calib_split, imgsz=imgsz)

@@ -53,3 +53,11 @@ def test_export_opset_bounds_are_checked_on_creation():
     with pytest.raises(TrtQatError, match="opset 11 is too old"):
         ExportConfig(opset=11)
     assert ExportConfig(opset=17).opset == 17
+
+
+def test_data_imgsz_null_means_the_checkpoints_size():
+    from trt_qat.config import DataConfig
+
+    assert DataConfig().imgsz is None and DataConfig(imgsz=96).imgsz == 96
+    with pytest.raises(TrtQatError, match="data.imgsz=100 must be a multiple of 32"):
+        DataConfig(imgsz=100)

@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "run": ("trt_qat.cli.run", "run the whole pipeline from a YAML config (FP32 -> PTQ -> QAT -> ONNX -> report)"),
     "make-data": ("trt_qat.cli.make_data", "generate the digits-det demo dataset (YOLO format)"),
-    "train": ("trt_qat.cli.train", "train the built-in detector in FP32 (the baseline)"),
+    "train": ("trt_qat.cli.train", "train a detector from scratch in FP32 (built-in, or an Ultralytics yaml)"),
     "quantize": ("trt_qat.cli.calibrate", "alias of calibrate: instrument + calibrate an FP32 checkpoint"),
     "calibrate": ("trt_qat.cli.calibrate", "instrument an FP32 checkpoint and calibrate it (PTQ)"),
     "qat": ("trt_qat.cli.qat", "quantization-aware fine-tuning of a calibrated checkpoint"),
@@ -29,7 +29,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: trt-qat <command> [options]   (python -m trt_qat <command> ...)", "", "commands:"]
-    lines += [f"  {name:<12} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<16} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "`trt-qat <command> --help` shows a command's options."]
     return "\n".join(lines)
 

@@ -270,10 +270,11 @@ class ExportConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset. ``data`` is a YOLO data.yaml; ``generate`` creates the digits-det demo set there if missing."""
+    """Dataset. ``data`` is a YOLO data.yaml; ``generate`` creates the digits-det demo set there if missing;
+    ``imgsz`` null takes the size the checkpoint records (its training size), else 128."""
 
     data: str = "datasets/digits-det/data.yaml"
-    imgsz: int = 128
+    imgsz: int | None = None
     batch_size: int = 16
     calib_split: str = "calib"
     train_split: str = "train"
@@ -284,7 +285,8 @@ class DataConfig:
     workers: int = 0
 
     def __post_init__(self):
-        check_imgsz(self.imgsz, "data.imgsz")
+        if self.imgsz is not None:
+            check_imgsz(self.imgsz, "data.imgsz")
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.workers >= 0, f"data.workers={self.workers} must be >= 0")
         for key in ("max_val_images", "max_train_images"):

@@ -117,6 +117,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         raise TrtQatError(f"model.checkpoint '{cfg.model.checkpoint}' holds {held}, but model.name is "
                           f"{cfg.model.name}; set model.name: {held} or point model.checkpoint at a {cfg.model.name}")
     fp32.eval()
+    if cfg.data.imgsz is None:  # the size the checkpoint was trained at (Ultralytics' and ours: train_args.imgsz)
+        cfg.data.imgsz = int(getattr(fp32, "trt_qat_imgsz", None) or 128)
+        LOG.debug("data.imgsz %d (%s)", cfg.data.imgsz,
+                 "from the checkpoint" if getattr(fp32, "trt_qat_imgsz", None) else "the default")
+    adapter.check_imgsz(fp32, cfg.data.imgsz)
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
     val = adapter.dataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
     adapter.check_dataset(fp32, val, f"data.data '{data_yaml}'")
