@@ -77,6 +77,27 @@ class ModelAdapter:
         """Write ``model`` (FP32) to ``path`` atomically, with ``extra`` entries; returns the path."""
         raise NotImplementedError
 
+    def model_from_data(self, ckpt: dict, path="<checkpoint>"):
+        """The FP32 model (eval mode) of a checkpoint trt_qat wrote for this family (``model_cfg`` + ``state_dict``:
+        plain data), or None when ``ckpt`` is not one (a family's own format, handled by :meth:`from_checkpoint`).
+
+        Raises:
+            TrtQatError: for a quantized checkpoint (this step needs the FP32 one), or weights that do not fit
+                the described architecture.
+        """
+        if isinstance(ckpt, dict) and ckpt.get("format") == "trt_qat.quantized/1":
+            raise TrtQatError(f"checkpoint '{path}' is a quantized (calibrate/qat) checkpoint; this step needs the "
+                              "FP32 one")
+        if not (isinstance(ckpt, dict) and "model_cfg" in ckpt and "state_dict" in ckpt):
+            return None
+        model = self.from_architecture(ckpt["model_cfg"])
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except (RuntimeError, TypeError) as exc:
+            raise TrtQatError(f"checkpoint '{path}' does not match its model description "
+                              f"({str(exc).splitlines()[0]}); re-create it") from None
+        return model.eval()
+
     def architecture(self, model) -> dict | None:
         """What :meth:`from_architecture` needs to rebuild ``model``'s bare (untrained) architecture, or None when
         this family cannot describe ``model`` (it must then be passed in when loading)."""

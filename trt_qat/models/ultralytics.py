@@ -216,17 +216,9 @@ class UltralyticsAdapter(ModelAdapter):
         return ckpt
 
     def from_checkpoint(self, ckpt: dict, path="<checkpoint>"):
-        if isinstance(ckpt, dict) and ckpt.get("format") == "trt_qat.quantized/1":
-            raise TrtQatError(f"checkpoint '{path}' is a quantized (calibrate/qat) checkpoint; this step needs the "
-                              "FP32 one")
-        if isinstance(ckpt, dict) and "model_cfg" in ckpt and "state_dict" in ckpt:
-            model = self.from_architecture(ckpt["model_cfg"])
-            try:
-                model.load_state_dict(ckpt["state_dict"])
-            except (RuntimeError, TypeError) as exc:
-                raise TrtQatError(f"checkpoint '{path}' does not match its model yaml ({str(exc).splitlines()[0]}); "
-                                  "re-create it") from None
-            return model.eval()
+        model = self.model_from_data(ckpt, path)  # a file trt_qat wrote (plain data)
+        if model is not None:
+            return model
         module = None
         if isinstance(ckpt, dict):  # Ultralytics' trainer writes the EMA under "ema", YOLO.save() under "model"
             module = ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
