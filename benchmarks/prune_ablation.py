@@ -59,8 +59,9 @@ def interleaved_latency(paths: dict, imgsz: int, rounds: int = 5, iters: int = 1
 
 def format_table(rows: list) -> str:
     lines = ["| variant | mAP50-95 FP32 (ORT) | mAP50-95 QAT (ORT) | Δ QAT vs FP32 (points) | params (M) | GMACs "
-             "| ORT CPU FP32 latency (ms) | vs unpruned | lint QAT (mismatch/chain/reformat) | 2:4-ready |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| of FP32 MACs | ORT CPU FP32 latency (ms) | vs unpruned | lint QAT (mismatch/chain/reformat) "
+             "| 2:4-ready |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = rows[0]
     for r in rows:
         qat = "—" if r.get("qat_map50_95") is None else f"{r['qat_map50_95']:.4f}"
@@ -73,7 +74,8 @@ def format_table(rows: list) -> str:
         if r.get("kind") == "sparsity":  # same dense work: any difference is noise
             speed = "none expected (no 2:4 kernels in ORT)"
         lines.append(f"| {r['variant']} | {r['fp32_map50_95']:.4f} | {qat} | {delta} | {r['params'] / 1e6:.2f} | "
-                     f"{r['gmacs']:.3f} | {r['latency_ms']:.2f} | {speed} | {lint_txt} | "
+                     f"{r['gmacs']:.3f} | {100 * r['gmacs'] / base['gmacs']:.0f}% | {r['latency_ms']:.2f} | {speed} | "
+                     f"{lint_txt} | "
                      f"{'—' if ready is None else f'{100 * ready:.0f}% of eligible MACs'} |")
     return "\n".join(lines)
 
@@ -168,7 +170,9 @@ def main(argv=None) -> int:
     lat_paths = {"FP32": export_640(fp32, "fp32")}
     rows = [{"variant": "FP32", "fp32_map50_95": base["map50_95"], "qat_map50_95": None,
              "params": sum(p.numel() for p in fp32.parameters()), "gmacs": gmacs(lat_paths["FP32"])}]
-    plans = [(f"pruned to {round(100 * t)}% MACs", "prune", t) for t in args.targets]
+    # (the target is an upper bound: channel counts rounded to --round-to land at or below it, the column
+    # "of FP32 MACs" says where)
+    plans = [(f"pruned, target {round(100 * t)}% MACs", "prune", t) for t in args.targets]
     if not args.no_sparsity:
         plans.append(("2:4", "sparsity", None))
     for label, kind, target in plans:
