@@ -76,3 +76,26 @@ def test_large_graph_is_linted():
     assert len(model.graph.node) >= 300
     report = lint_onnx(model)
     assert report.stats["int8_layers"] == 50 and report.stats["int8_coverage"] == pytest.approx(1.0)
+
+
+def test_macs_after_a_chunk_under_a_dynamic_batch(tmp_path):
+    """``torch.chunk`` exports as Slices whose bounds are computed from ``Shape`` when the batch is dynamic (every
+    Ultralytics C2f); plain ONNX shape inference then loses the output's spatial size. Lint folds that shape
+    arithmetic at batch 1, so the conv after the chunk is counted at its real size, not at 1x1."""
+    import torch
+    from torch import nn
+
+    from trt_qat.onnx.export import export_onnx
+
+    class Chunked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            left, right = self.a(x).chunk(2, 1)
+            return torch.cat([self.b(left), right], 1)
+
+    path = export_onnx(Chunked().eval(), torch.zeros(1, 3, 32, 32), tmp_path / "c.onnx", dynamic_batch=True)
+    stats = lint_onnx(str(path)).stats
+    assert stats["total_macs"] == 32 * 32 * (8 * 3 * 9 + 4 * 4 * 9) and stats["layers_with_unknown_macs"] == []

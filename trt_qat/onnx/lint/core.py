@@ -1,6 +1,7 @@
 """:func:`lint_onnx`: load the model, build its graph view, run the checks in order and count the findings."""
 from __future__ import annotations
 
+import contextlib
 import re
 
 from trt_qat.errors import LOG, TrtQatError
@@ -66,7 +67,7 @@ class LintContext:
 
         check_opset(self)
         try:
-            inferred = onnx.shape_inference.infer_shapes(self.model, check_type=False, strict_mode=False)
+            inferred = static_shapes(self.model)
             self.g.add_shapes(inferred)
             self.stats["shape_inference"] = "ok"
         except Exception as exc:  # large models (>2 GB) or custom ops
@@ -99,6 +100,62 @@ class LintContext:
             "finding_counts": counts,
         })
         return self.findings, self.stats
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime():
+    """ONNX Runtime's default logger at errors only, for the duration (it is process-wide)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        yield
+        return
+    ort.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # (its default: warnings)
+
+
+def static_shapes(model):
+    """``model`` with every intermediate shape ONNX can know at batch 1: a copy whose symbolic input dimensions are
+    fixed to 1, shape-inferred with the ``Shape`` -> ``Slice`` arithmetic of the exporter folded
+    (onnx-graphsurgeon ``fold_constants(fold_shapes=True)``). Without the folding, a ``Slice`` whose bounds are
+    computed (``torch.chunk`` under a dynamic batch: every Ultralytics C2f) leaves its output's shape unknown, and
+    the MACs of every conv after it would be counted at 1x1. Falls back to plain shape inference when folding fails;
+    the original model is not changed."""
+    import onnx
+
+    plain = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    try:
+        import onnx_graphsurgeon as gs
+
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        inits = {i.name for i in work.graph.initializer}
+        for vi in work.graph.input:
+            if vi.name in inits or not vi.type.HasField("tensor_type"):
+                continue
+            for d in vi.type.tensor_type.shape.dim:
+                if not d.HasField("dim_value") or d.dim_value <= 0:
+                    d.Clear()
+                    d.dim_value = 1
+        del work.graph.value_info[:]
+        with _quiet_onnxruntime():  # (the folding runs ONNX Runtime, whose optimizer warns about what it skips)
+            for _ in range(2):  # (a fold can expose further foldable shape arithmetic)
+                work = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False)
+                graph = gs.import_onnx(work)
+                graph.fold_constants(fold_shapes=True, error_ok=True)
+                work = gs.export_onnx(graph.cleanup())
+        folded = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False)
+    except Exception as exc:  # (custom ops, >2 GB models): the plain inference stands
+        LOG.debug("shape folding failed (%s); plain ONNX shape inference is used", exc)
+        return plain
+    known = {vi.name for vi in folded.graph.value_info}
+    for vi in plain.graph.value_info:  # tensors the folding removed (shape arithmetic itself) keep their shapes
+        if vi.name not in known:
+            folded.graph.value_info.append(vi)
+    return folded
 
 
 def _model_and_name(model_or_path):
