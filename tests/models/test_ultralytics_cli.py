@@ -148,3 +148,26 @@ def test_readme_commands_on_a_pt_written_by_yolo_save(tiny_digits_yaml, tmp_path
     assert stats["int8_coverage_excluding_skipped"] == 1.0 and stats["skipped_float_layers"] == 1
     assert [f["why"][:12] for f in stats["float_layers"]] == ["DFL integral"]
     assert stats["scale_mismatches"] == 0 and stats["requantize_chains"] == 0 and stats["reformat_sites"] == 0
+
+
+def test_train_refuses_a_yaml_that_is_not_a_model_yaml(tiny_digits_yaml, tmp_path, capsys):  # noqa: F811
+    from fixtures_cli import one_line_error
+
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("backbone: [\n")
+    for model, msg in ((str(tiny_digits_yaml), "is not an Ultralytics model yaml"), (str(bad), "cannot be read")):
+        line = one_line_error(capsys, ["train", "--data", str(tiny_digits_yaml), "--model", model, "--model-family",
+                                       "ultralytics", "--out", str(tmp_path / "w.pt")])
+        assert msg in line
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_compare_an_ultralytics_pt_with_its_own_onnx(yolov8n_pt, tmp_path, capsys):
+    """The PyTorch runner of an Ultralytics checkpoint names its output as the export does (output0), so compare
+    pairs the two up and agrees."""
+    onnx_path = tmp_path / "y.onnx"
+    assert main(["export", "--checkpoint", str(yolov8n_pt), "--model-family", "ultralytics", "--imgsz", "64",
+                 "-o", str(onnx_path)]) == 0
+    assert main(["compare", "--onnx", str(onnx_path), "--checkpoint", str(yolov8n_pt), "--model-family",
+                 "ultralytics", "--num-inputs", "1"]) == 0
+    assert "DISAGREES" not in capsys.readouterr().out

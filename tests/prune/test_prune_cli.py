@@ -47,6 +47,19 @@ def test_prune_finetune_calibrate_qat_export_lint(tiny_digits_yaml, fp32_path, t
     assert stats["scale_mismatches"] == 0 and stats["requantize_chains"] == 0 and stats["reformat_sites"] == 0
 
 
+def test_finetune_pruned_never_writes_over_the_unpruned_checkpoint(fp32_path, tmp_path, capsys):
+    """The unpruned checkpoint a pruned one names (``pruned_from``) is an input (the teacher): --out on it is
+    refused before anything runs."""
+    pruned = tmp_path / "p.pt"
+    assert main(["prune", "--checkpoint", str(fp32_path), "--imgsz", "64", "--target-macs", "0.6",
+                 "--out", str(pruned)]) == 0
+    capsys.readouterr()
+    before = fp32_path.read_bytes()
+    line = one_line_error(capsys, ["finetune-pruned", "--checkpoint", str(pruned), "--data", "d.yaml", "--imgsz",
+                                   "64", "--out", str(fp32_path)])
+    assert "--out" in line and fp32_path.read_bytes() == before
+
+
 def test_bn_sparsity_train_then_prune(tiny_digits_yaml, fp32_path, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "slim.pt"
     assert main(["prune", "--checkpoint", str(fp32_path), "--data", str(tiny_digits_yaml), "--imgsz", "64",

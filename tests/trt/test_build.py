@@ -74,6 +74,20 @@ def test_main_bad_flags(qdq_onnx, capsys, flags, msg):
     assert msg in run_main_error(capsys, ["--onnx", str(qdq_onnx)] + flags)
 
 
+def test_main_outputs_are_checked_before_the_build(qdq_onnx, tmp_path, capsys):
+    """--saveEngine, its .json metadata and --timingCache: never the input ONNX, never a directory; refused before
+    TensorRT is touched (so these run without it)."""
+    before = qdq_onnx.read_bytes()
+    for flags, msg in ((["--saveEngine", str(qdq_onnx)], "--saveEngine"),
+                       (["--timingCache", str(qdq_onnx)], "--timingCache"),
+                       (["--saveEngine", str(qdq_onnx.with_suffix(".engine"))], None),
+                       (["--saveEngine", str(tmp_path)], "is a directory")):
+        if msg is None:  # (the engine's metadata path is <engine>.json: not the input here, so TensorRT is reached)
+            continue
+        assert msg in run_main_error(capsys, ["--onnx", str(qdq_onnx), *flags])
+    assert qdq_onnx.read_bytes() == before
+
+
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_main_missing_tensorrt_says_how_to_get_it(qdq_onnx, capsys):
     line = run_main_error(capsys, ["--onnx", str(qdq_onnx), "--batch", "1:2:4"])

@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from trt_qat.fileio import check_not_input, check_writable_file
+    from trt_qat.trt.metadata import metadata_path
+
+    # the outputs, checked before the (long) build: never one of the inputs, and writable
+    outputs = [(args.saveEngine, "--saveEngine"), (args.timingCache or None, "--timingCache")]
+    if args.saveEngine:
+        outputs.append((metadata_path(args.saveEngine), "--saveEngine (its .json metadata)"))
+    for path, flag in outputs:
+        if path:
+            check_not_input(path, args.onnx, flag=flag)
+    if args.saveEngine:
+        check_writable_file(args.saveEngine)
     path = build_engine(args.onnx, args.saveEngine, precision=args.precision, fp16_fallback=args.fp16_fallback,
                         workspace_mib=args.workspace, timing_cache=args.timingCache or None,
                         builder_optimization_level=args.builderOptimizationLevel, dla_core=args.useDLACore,

@@ -14,7 +14,7 @@ from trt_qat.cli.args import (
     positive_int,
     resolve_imgsz,
 )
-from trt_qat.errors import TrtQatError
+from trt_qat.errors import LOG, TrtQatError
 from trt_qat.fileio import check_not_input, check_writable_file, output_lock
 from trt_qat.prune.sparsity import DEFAULT_MIN_CHANNELS
 
@@ -45,8 +45,8 @@ def _build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None):
     args = _build_parser().parse_args(argv)
-    from trt_qat.models.adapter import adapter_for_checkpoint, read_checkpoint_or_name_family
-    from trt_qat.prune.finetune import finetune_fp32, teacher_for
+    from trt_qat.models.adapter import adapter_for_checkpoint, adapter_for_model, read_checkpoint_or_name_family
+    from trt_qat.prune.finetune import finetune_fp32, has_output_distill, teacher_for
 
     if args.no_distill and args.teacher:
         raise TrtQatError("--teacher and --no-distill contradict each other; drop one")
@@ -56,7 +56,20 @@ def main(argv=None):
     adapter = adapter_for_checkpoint(ckpt)
     model = adapter.tag(adapter.from_checkpoint(ckpt, args.checkpoint), ckpt)
     resolve_imgsz(args, model, adapter=adapter)
-    teacher = None if args.no_distill else teacher_for(ckpt, args.teacher)
+    implied = ckpt.get("pruned_from") if not args.teacher else None
+    if implied:  # the unpruned checkpoint it came from is an input too (the teacher): never written over
+        check_not_input(args.out, implied, flag="--out")
+    distill = not args.no_distill and has_output_distill(adapter)
+    if not args.no_distill and not distill:
+        if args.teacher:
+            raise TrtQatError(f"model family '{adapter.family}' has no output distillation, so --teacher would not be "
+                              "used; drop it (fine-tuning then uses the labels alone)")
+        LOG.warning("model family '%s' has no output distillation: fine-tuning on the labels alone",
+                    adapter.family)
+    teacher = teacher_for(ckpt, args.teacher) if distill else None
+    if teacher is not None and adapter_for_model(teacher).family != adapter.family:
+        raise TrtQatError(f"the teacher is a {adapter_for_model(teacher).family} model and the student a "
+                          f"{adapter.family} one; give the unpruned checkpoint of this model as --teacher")
     min_channels = args.min_channels or (ckpt.get("sparsity_2_4") or {}).get("min_channels") or DEFAULT_MIN_CHANNELS
     with output_lock(args.out, is_dir=False):
         result = finetune_fp32(model, adapter, args.data, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,

@@ -163,7 +163,18 @@ class UltralyticsAdapter(ModelAdapter):
         except FileNotFoundError:
             raise TrtQatError(f"Ultralytics model yaml '{name}' was not found; name one shipped with ultralytics "
                               "(yolov8n.yaml, yolo11n.yaml, yolo26n.yaml, ...) or give the path of your own") from None
-        return _export_mode(tasks.DetectionModel(cfg=cfg, nc=int(nc), verbose=False))
+        except Exception as exc:  # (a YAML syntax error)
+            raise TrtQatError(f"'{name}' cannot be read as YAML ({exc.__class__.__name__}); fix it or name a model "
+                              "yaml such as yolov8n.yaml") from None
+        if not isinstance(cfg, dict) or not all(k in cfg for k in ("backbone", "head")):
+            raise TrtQatError(f"'{name}' is not an Ultralytics model yaml (it has no backbone and head sections; a "
+                              "data.yaml goes to --data); name one such as yolov8n.yaml")
+        try:
+            model = tasks.DetectionModel(cfg=cfg, nc=int(nc), verbose=False)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise TrtQatError(f"Ultralytics model yaml '{name}' cannot be built ({exc.__class__.__name__}: {exc}); "
+                              "check its backbone and head sections") from None
+        return _export_mode(model)
 
     def load(self, path):
         """``(model, checkpoint dict)`` of a checkpoint written by trt_qat (data only) or by Ultralytics.

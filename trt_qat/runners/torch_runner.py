@@ -88,10 +88,14 @@ def torch_runner_from_checkpoint(path, name: str | None = None, family: str | No
     Returns:
         tuple[TorchRunner, str]: the runner and its precision label.
     """
+    from trt_qat.models.adapter import adapter_for_model
     from trt_qat.quant.checkpoint import load_model
     from trt_qat.quant.instrument import check_amax
 
     model, _, quantized = load_model(path, family)
     if quantized:  # an uncalibrated quantizer would silently run in float (or give NaN)
         check_amax(model, stage="running it")
-    return TorchRunner(model, name=name or "torch"), "int8 (fake-quant)" if quantized else "fp32"
+    adapter = adapter_for_model(model)  # (its ONNX names, so outputs pair up with an exported model's)
+    runner = TorchRunner(model, input_name=adapter.input_names[0], output_names=adapter.output_names,
+                         name=name or "torch")
+    return runner, "int8 (fake-quant)" if quantized else "fp32"

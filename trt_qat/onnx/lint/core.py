@@ -63,7 +63,6 @@ class LintContext:
 
     def run(self):
         """Run every check; returns ``(findings, stats)``."""
-        import onnx
 
         check_opset(self)
         try:
