@@ -122,6 +122,10 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         LOG.debug("data.imgsz %d (%s)", cfg.data.imgsz,
                  "from the checkpoint" if getattr(fp32, "trt_qat_imgsz", None) else "the default")
     adapter.check_imgsz(fp32, cfg.data.imgsz)
+    if cfg.prune.target_macs is not None or cfg.prune.target_params is not None or cfg.sparsity.enabled:
+        from trt_qat.prune.variants import check_variants
+
+        check_variants(cfg, fp32)  # (a section that cannot work is refused now, not after the baseline)
     imgsz, bs = cfg.data.imgsz, cfg.data.batch_size
     val = adapter.dataset(data_yaml, cfg.data.val_split, imgsz=imgsz, max_images=cfg.data.max_val_images)
     adapter.check_dataset(fp32, val, f"data.data '{data_yaml}'")

@@ -62,3 +62,21 @@ def test_pipeline_with_a_pruned_variant(tmp_path, monkeypatch, capsys):
     assert ps["pruned"]["lint_qat"]["reformat_sites"] == 0
     md = (tmp_path / "reports" / "ps" / "report.md").read_text()
     assert "Pruning and 2:4 sparsity" in md and "2:4 sparsity gives no speed in ONNX Runtime" in md
+
+
+@pytest.mark.parametrize("section, msg", [({"prune": {"target_macs": 0.6, "keep": ["nomatchxyz"]}},
+                                           "prune.keep 'nomatchxyz' matches no conv"),
+                                          ({"sparsity": {"enabled": True, "min_channels": 100000}},
+                                           "sparsity.min_channels=100000: no conv")])
+def test_a_section_that_cannot_work_is_refused_before_the_run(section, msg, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = generate_digits_det(tmp_path / "data", n_train=2, n_val=2, n_calib=2, seed=1)
+    save_checkpoint(build_model("yolo-n"), tmp_path / "fp32.pt")
+    cfg = {"model": {"checkpoint": str(tmp_path / "fp32.pt")}, "data": {"data": str(data), "imgsz": 64},
+           "run": {"name": "bad", "out_dir": "reports"}, **section}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        run_main(["--config", "cfg.yaml"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("trt_qat: error:")]
+    assert exc.value.code == 2 and len(err) == 1 and msg in err[0]
+    assert not (tmp_path / "reports" / "bad" / "artifacts").exists()  # nothing of the baseline was run

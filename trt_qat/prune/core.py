@@ -137,7 +137,7 @@ def head_output_layers(model: nn.Module, graph) -> list:
     return sorted(n for n in out if n)
 
 
-def match_keep(model: nn.Module, keep) -> list:
+def match_keep(model: nn.Module, keep, flag: str = "--keep") -> list:
     """The names of ``model``'s convs/linears that the ``keep`` regexes match (searched anywhere in the name).
 
     Raises:
@@ -149,10 +149,10 @@ def match_keep(model: nn.Module, keep) -> list:
         try:
             rx = re.compile(pattern)
         except re.error as exc:
-            raise TrtQatError(f"--keep {pattern!r} is not a valid regex ({exc}); fix the pattern") from None
+            raise TrtQatError(f"{flag} {pattern!r} is not a valid regex ({exc}); fix the pattern") from None
         hits = [n for n in layers if rx.search(n)]
         if not hits:
-            raise TrtQatError(f"--keep {pattern!r} matches no conv or linear layer; layer names look like "
+            raise TrtQatError(f"{flag} {pattern!r} matches no conv or linear layer; layer names look like "
                               f"{', '.join(repr(n) for n in layers[:3])}")
         found.extend(hits)
     return sorted(set(found))

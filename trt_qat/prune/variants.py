@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from trt_qat.errors import LOG
+from trt_qat.errors import LOG, TrtQatError
 
 __all__ = ["run_variants", "run_variant", "variant_plans", "ORT_NO_SPARSE_NOTE"]
 
@@ -34,6 +34,20 @@ def variant_plans(cfg) -> list:
     if cfg.sparsity.enabled:
         plans.append(("2:4", "sparsity"))
     return plans
+
+
+def check_variants(cfg, fp32) -> None:
+    """Refuse, before any of the run starts, a ``prune:`` / ``sparsity:`` section that cannot work on ``fp32``: a
+    ``prune.keep`` pattern matching no layer, or a 2:4 threshold no conv reaches."""
+    from trt_qat.prune.core import match_keep
+    from trt_qat.prune.sparsity import eligible_convs
+
+    kinds = {kind for _, kind in variant_plans(cfg)}
+    if "prune" in kinds:
+        match_keep(fp32, cfg.prune.keep, flag="prune.keep")
+    if "sparsity" in kinds and not eligible_convs(fp32, cfg.sparsity.min_channels)[0]:
+        raise TrtQatError(f"sparsity.min_channels={cfg.sparsity.min_channels}: no conv of this model is that wide, so "
+                          "2:4 would apply nowhere; lower sparsity.min_channels or set sparsity.enabled: false")
 
 
 def _lint_brief(stats: dict) -> dict:
