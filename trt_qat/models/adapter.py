@@ -63,11 +63,37 @@ class ModelAdapter:
         raise TrtQatError(f"model family '{self.family}' cannot build models from a name; pass a checkpoint")
 
     def load(self, path):
-        """``(model, checkpoint dict)``: the FP32 model of checkpoint ``path``, in eval mode."""
-        from trt_qat.fileio import read_checkpoint
+        """``(model, checkpoint dict)``: the FP32 model of checkpoint ``path``, in eval mode.
 
-        ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+        A file trt_qat wrote is read with ``torch.load(weights_only=True)`` (data only). A family whose own ``.pt``
+        files are pickled modules (Ultralytics, YOLOv5) unpickles those through its :meth:`unpickle` (classes
+        only: a pickle naming ``os.system`` or any other function is refused). Building those classes still runs
+        their code, as every pickle does, so load only files from a source you trust; :func:`load_fp32` calls this
+        only when the user names the family.
+        """
+        import pickle
+
+        import torch
+
+        from trt_qat.fileio import read_checkpoint, require_file
+
+        if type(self).unpickle is ModelAdapter.unpickle:  # (a family with no pickled format of its own)
+            ckpt = read_checkpoint(path, hint="train one with `trt-qat train` or check the path")
+            return self.from_checkpoint(ckpt, path), ckpt
+        path = require_file(path, "checkpoint", "check the path")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # trt_qat's own files: data only
+        except pickle.UnpicklingError:  # it holds pickled code (the family's own .pt), or it is not a pickle
+            ckpt = self.unpickle(path)
+        except Exception as exc:
+            raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not "
+                              "a PyTorch checkpoint: re-download or re-create it") from None
         return self.from_checkpoint(ckpt, path), ckpt
+
+    def unpickle(self, path) -> dict:
+        """The family's own pickled checkpoint ``path`` as a dict, through a restricted unpickler (overridden by the
+        families whose checkpoints are pickled modules)."""
+        raise TrtQatError(f"model family '{self.family}' reads only checkpoints trt_qat wrote; '{path}' is not one")
 
     def from_checkpoint(self, ckpt: dict, path="<checkpoint>"):
         """The FP32 model (eval mode) held by the checkpoint dict ``ckpt`` read from ``path``."""

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_torch_save, require_file, restricted_pickle
+from trt_qat.fileio import atomic_torch_save, restricted_pickle
 from trt_qat.models.adapter import ModelAdapter, register_adapter
 from trt_qat.models.postprocess import class_aware_nms
 
@@ -176,27 +176,7 @@ class UltralyticsAdapter(ModelAdapter):
                               "check its backbone and head sections") from None
         return _export_mode(model)
 
-    def load(self, path):
-        """``(model, checkpoint dict)`` of a checkpoint written by trt_qat (data only) or by Ultralytics.
-
-        A trt_qat-written file is read with ``torch.load(weights_only=True)``. An Ultralytics ``.pt`` holds pickled
-        modules, so it is unpickled, through :func:`trt_qat.fileio.restricted_pickle` (classes only: a pickle naming
-        ``os.system`` or any other function is refused). Constructing those classes still runs their code, as every
-        pickle does, so load only files from a source you trust; :func:`trt_qat.models.adapter.load_fp32` calls this
-        only when the user names the family. The model comes back in FP32 and eval mode.
-        """
-        path = require_file(path, "checkpoint", "check the path")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # trt_qat's own files: data only
-        except pickle.UnpicklingError:  # it holds pickled code (an Ultralytics .pt), or it is not a pickle at all
-            ckpt = self._unpickle(path)
-        except Exception as exc:
-            raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not "
-                              "a PyTorch checkpoint: re-download or re-create it") from None
-        return self.from_checkpoint(ckpt, path), ckpt
-
-    @staticmethod
-    def _unpickle(path) -> dict:
+    def unpickle(self, path) -> dict:  # (see ModelAdapter.load)
         tasks = _tasks()
         try:
             with tasks.temporary_modules(modules=_LEGACY_MODULES, attributes=_LEGACY_ATTRIBUTES):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from trt_qat.errors import TrtQatError
-from trt_qat.fileio import atomic_torch_save, require_file, restricted_pickle
+from trt_qat.fileio import atomic_torch_save, restricted_pickle
 from trt_qat.models.adapter import ModelAdapter, register_adapter
 from trt_qat.models.postprocess import class_aware_nms
 
@@ -274,23 +274,7 @@ class YoloV5Adapter(ModelAdapter):
         model.nc = int(nc)
         return _export_mode(model, code)
 
-    def load(self, path):
-        """``(model, checkpoint dict)`` of a file trt_qat wrote (read with ``weights_only=True``) or a yolov5 ``.pt``
-        (pickled modules: unpickled through :func:`trt_qat.fileio.restricted_pickle`, classes only; constructing
-        them still runs their code, so load only files you trust; :func:`trt_qat.models.adapter.load_fp32` calls
-        this only when the user names the family). The model comes back in FP32 and eval mode."""
-        path = require_file(path, "checkpoint", "check the path")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # trt_qat's own files: data only
-        except pickle.UnpicklingError:  # it holds pickled code (a yolov5 .pt), or it is not a pickle at all
-            ckpt = self._unpickle(path)
-        except Exception as exc:
-            raise TrtQatError(f"checkpoint '{path}' cannot be read ({exc.__class__.__name__}); it is corrupt or not "
-                              "a PyTorch checkpoint: re-download or re-create it") from None
-        return self.from_checkpoint(ckpt, path), ckpt
-
-    @staticmethod
-    def _unpickle(path) -> dict:
+    def unpickle(self, path) -> dict:  # (see ModelAdapter.load)
         code = yolov5_code()
         try:
             with _quiet(code):  # runs the pickle (see load()), resolving only classes: no os.system & co.
