@@ -292,3 +292,24 @@ def test_data_yaml_whose_classes_disagree_with_the_checkpoint_is_refused(adapter
     with pytest.raises(TrtQatError, match="nc=10 classes but the model predicts 3"):
         adapter.check_dataset(adapter.build("yolov8n.yaml", nc=3), dataset, "--data x")
     adapter.check_dataset(adapter.build("yolov8n.yaml", nc=NC), dataset, "--data x")  # placeholder names: no check
+
+
+def test_yolo26_exports_end_to_end_and_decodes(adapter, tmp_path):
+    """YOLO26 infers with its one-to-one head: the eval output (and the ONNX's output0) is the NMS-free
+    [B, max_det, 6] (x1, y1, x2, y2, score, class), which decode only thresholds."""
+    ort = pytest.importorskip("onnxruntime")
+    import trt_qat
+
+    torch.manual_seed(0)
+    model = adapter.build("yolo26n.yaml", nc=NC).eval()
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        y = model(x)
+    assert y.ndim == 3 and y.shape[0] == 2 and y.shape[2] == 6
+    dets = adapter.decode({"output0": y.numpy()}, conf_thres=0.0)
+    assert len(dets) == 2 and all(d.shape[1] == 6 for d in dets)
+    path = trt_qat.export_onnx(model, adapter.sample_input(IMGSZ), tmp_path / "e2e.onnx",
+                               input_names=adapter.input_names, output_names=adapter.output_names)
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    assert out.shape == tuple(y.shape)
+    assert np.allclose(np.sort(out[..., 4], axis=1), np.sort(y.numpy()[..., 4], axis=1), atol=1e-5)  # same scores

@@ -115,13 +115,19 @@ def _unshare_activations(model):
 
 def _export_mode(model):
     """Set the Detect head the way Ultralytics' exporter does, so eval mode returns the decoded tensor alone; give
-    every module its own activation (:func:`_unshare_activations`)."""
+    every module its own activation (:func:`_unshare_activations`).
+
+    A head with a one-to-one branch (YOLO26, YOLOv10) infers end to end: the NMS-free ``[B, max_det, 6]`` output
+    that its deployments use. The one-to-many branch then only trains (``E2ELoss`` still gets both in train mode),
+    so the placement rules leave it float and the export drops it."""
     _unshare_activations(model)
     head = _head(model)
     head.export = True  # eval forward returns y, not (y, raw dict)
     head.format = "onnx"
     head.dynamic = False  # anchors are cached per input shape (rebuilt when it changes)
     head.shape = None
+    if getattr(head, "one2one_cv2", None) is not None:
+        head.end2end = True
     return model
 
 
