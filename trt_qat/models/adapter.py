@@ -21,8 +21,9 @@ import importlib
 
 from trt_qat.errors import TrtQatError
 
-__all__ = ["ModelAdapter", "register_adapter", "get_adapter", "adapter_for_checkpoint", "adapter_for_model",
-           "load_fp32", "family_of_pickle", "read_checkpoint_or_name_family", "FAMILY_MODULES", "DEFAULT_FAMILY"]
+__all__ = ["ModelAdapter", "SequentialDetectorAdapter", "names_list", "register_adapter", "get_adapter",
+           "adapter_for_checkpoint", "adapter_for_model", "load_fp32", "family_of_pickle",
+           "read_checkpoint_or_name_family", "FAMILY_MODULES", "DEFAULT_FAMILY"]
 
 #: family name -> the module that registers its adapter (imported lazily)
 FAMILY_MODULES = {"builtin": "trt_qat.models.builtin", "ultralytics": "trt_qat.models.ultralytics",
@@ -233,6 +234,32 @@ class ModelAdapter:
         import re
 
         return [f"^{re.escape(name)}$" for name in self.float_layers(model)]
+
+
+def names_list(names, nc: int) -> list:
+    """``nc`` class names as strings, from a ``{index: name}`` dict or a sequence (indices where none is given)."""
+    if isinstance(names, dict):
+        return [str(names.get(i, i)) for i in range(nc)]
+    return [str(n) for n in names] if names is not None else [str(i) for i in range(nc)]
+
+
+class SequentialDetectorAdapter(ModelAdapter):
+    """What the families whose model is a YOLO-style ``nn.Sequential`` of layers (``model.model``) ending in the
+    detection head (``nc``), with the class names in ``model.names`` (Ultralytics, YOLOv5), share."""
+
+    def num_classes(self, model) -> int | None:
+        import torch
+
+        seq = getattr(model, "model", None)
+        head = seq[-1] if isinstance(seq, torch.nn.Sequential) else None
+        return int(head.nc) if head is not None and hasattr(head, "nc") else None
+
+    def class_names(self, model) -> list | None:
+        nc = self.num_classes(model)
+        if nc is None or getattr(model, "names", None) is None:
+            return None
+        names = names_list(model.names, nc)
+        return None if names == [str(i) for i in range(nc)] else names  # placeholders of a freshly built model
 
 
 def checkpoint_imgsz(ckpt) -> int | None:

@@ -26,7 +26,7 @@ import torch
 
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_torch_save, restricted_pickle
-from trt_qat.models.adapter import ModelAdapter, register_adapter
+from trt_qat.models.adapter import SequentialDetectorAdapter, names_list, register_adapter
 from trt_qat.models.postprocess import class_aware_nms
 
 __all__ = ["UltralyticsAdapter"]
@@ -131,14 +131,8 @@ def _export_mode(model):
     return model
 
 
-def _names_list(names, nc: int) -> list:
-    if isinstance(names, dict):
-        return [str(names.get(i, i)) for i in range(nc)]
-    return [str(n) for n in names] if names is not None else [str(i) for i in range(nc)]
-
-
 @register_adapter
-class UltralyticsAdapter(ModelAdapter):
+class UltralyticsAdapter(SequentialDetectorAdapter):
     """Ultralytics ``DetectionModel`` with a ``Detect`` head. The eval output ``output0`` is ``[B, 4 + nc, N]``:
     ``cx, cy, w, h`` in input pixels and ``nc`` class probabilities per anchor point (no objectness); with the
     one-to-one head selected (``model.end2end = True``, YOLO26/YOLOv10) it is ``[B, max_det, 6]`` instead."""
@@ -250,7 +244,7 @@ class UltralyticsAdapter(ModelAdapter):
         if not isinstance(model, tasks.DetectionModel) or not isinstance(yaml, dict) or not _is_plain(yaml):
             return None
         nc = int(_head(model).nc)
-        return {"yaml": copy.deepcopy(yaml), "nc": nc, "names": _names_list(getattr(model, "names", None), nc),
+        return {"yaml": copy.deepcopy(yaml), "nc": nc, "names": names_list(getattr(model, "names", None), nc),
                 "fused": _is_fused(model)}
 
     def from_architecture(self, arch: dict):
@@ -265,7 +259,7 @@ class UltralyticsAdapter(ModelAdapter):
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise TrtQatError(f"the checkpoint's Ultralytics model yaml cannot be built ({exc.__class__.__name__}: "
                               f"{exc}); re-create the checkpoint with trt_qat") from None
-        model.names = dict(enumerate(_names_list(arch.get("names"), int(arch["nc"]))))
+        model.names = dict(enumerate(names_list(arch.get("names"), int(arch["nc"]))))
         if arch.get("fused"):  # the same layers as the model it describes: BN folded, unused head branch removed
             model.fuse(verbose=False)
         return _export_mode(model)
@@ -273,17 +267,6 @@ class UltralyticsAdapter(ModelAdapter):
     def model_name(self, model) -> str | None:
         yaml_file = (getattr(model, "yaml", None) or {}).get("yaml_file")
         return Path(str(yaml_file)).stem if yaml_file else None
-
-    def num_classes(self, model) -> int | None:
-        head = model.model[-1] if isinstance(getattr(model, "model", None), torch.nn.Sequential) else None
-        return int(head.nc) if head is not None and hasattr(head, "nc") else None
-
-    def class_names(self, model) -> list | None:
-        nc = self.num_classes(model)
-        if nc is None or getattr(model, "names", None) is None:
-            return None
-        names = _names_list(model.names, nc)
-        return None if names == [str(i) for i in range(nc)] else names  # placeholders of a freshly built model
 
     # --- input and output --------------------------------------------------------------------------------
     def sample_input(self, imgsz: int, batch: int = 1):

@@ -31,7 +31,7 @@ import torch
 
 from trt_qat.errors import TrtQatError
 from trt_qat.fileio import atomic_torch_save, restricted_pickle
-from trt_qat.models.adapter import ModelAdapter, register_adapter
+from trt_qat.models.adapter import SequentialDetectorAdapter, names_list, register_adapter
 from trt_qat.models.postprocess import class_aware_nms
 
 __all__ = ["YoloV5Adapter", "yolov5_code", "MODEL_MODULES"]
@@ -208,12 +208,6 @@ def _export_mode(model, code=None):
     return model
 
 
-def _names_list(names, nc: int) -> list:
-    if isinstance(names, dict):
-        return [str(names.get(i, i)) for i in range(nc)]
-    return [str(n) for n in names] if names is not None else [str(i) for i in range(nc)]
-
-
 def default_hyp(code, nl: int, nc: int, imgsz: int) -> dict:
     """The loss gains yolov5's ``train.py`` gives a model trained from scratch: the code's
     ``data/hyps/hyp.scratch-low.yaml``, ``box``/``cls``/``obj`` scaled to the layers, classes and image size."""
@@ -233,7 +227,7 @@ def default_hyp(code, nl: int, nc: int, imgsz: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------- the adapter
 @register_adapter
-class YoloV5Adapter(ModelAdapter):
+class YoloV5Adapter(SequentialDetectorAdapter):
     """ultralytics/yolov5 ``DetectionModel`` with the anchor-based ``Detect`` head. The eval output ``output0`` is
     ``[B, N, 5 + nc]``: ``cx, cy, w, h`` in input pixels, objectness and ``nc`` class probabilities per anchor."""
 
@@ -329,7 +323,7 @@ class YoloV5Adapter(ModelAdapter):
         if not _is_yolov5_module(model) or not isinstance(yaml, dict) or not _is_plain(yaml):
             return None
         nc = int(_head(model).nc)
-        arch = {"yaml": copy.deepcopy(yaml), "nc": nc, "names": _names_list(getattr(model, "names", None), nc),
+        arch = {"yaml": copy.deepcopy(yaml), "nc": nc, "names": names_list(getattr(model, "names", None), nc),
                 "name": self.model_name(model)}
         hyp = getattr(model, "hyp", None)
         if isinstance(hyp, dict) and _is_plain(hyp):
@@ -348,7 +342,7 @@ class YoloV5Adapter(ModelAdapter):
         except (KeyError, TypeError, ValueError, IndexError, NameError) as exc:
             raise TrtQatError(f"the checkpoint's yolov5 model yaml cannot be built ({exc.__class__.__name__}: "
                               f"{exc}); re-create the checkpoint with trt_qat") from None
-        model.nc, model.names = nc, _names_list(arch.get("names"), nc)
+        model.nc, model.names = nc, names_list(arch.get("names"), nc)
         if isinstance(arch.get("hyp"), dict):
             model.hyp = dict(arch["hyp"])
         if arch.get("name"):
@@ -358,17 +352,6 @@ class YoloV5Adapter(ModelAdapter):
     def model_name(self, model) -> str | None:
         yaml_file = getattr(model, "yaml_file", None)
         return Path(str(yaml_file)).stem if yaml_file else None
-
-    def num_classes(self, model) -> int | None:
-        head = model.model[-1] if isinstance(getattr(model, "model", None), torch.nn.Sequential) else None
-        return int(head.nc) if head is not None and hasattr(head, "nc") else None
-
-    def class_names(self, model) -> list | None:
-        nc = self.num_classes(model)
-        if nc is None or getattr(model, "names", None) is None:
-            return None
-        names = _names_list(model.names, nc)
-        return None if names == [str(i) for i in range(nc)] else names  # placeholders of a freshly built model
 
     # --- input and output --------------------------------------------------------------------------------
     def sample_input(self, imgsz: int, batch: int = 1, model=None):
